@@ -17,6 +17,9 @@ const (
 	// Token is an identity (refresh) token, handed to clients with the
 	// username "<token>" as the docker-credential-helpers protocol defines.
 	Token Kind = "token"
+	// ECR is an AWS identity (keys, a role, a profile or the default chain)
+	// exchanged at pull time for an Amazon ECR registry token; see ecr.go.
+	ECR Kind = "ecr"
 )
 
 // DefaultProject is the project used when none is given.
@@ -45,7 +48,33 @@ type Value struct {
 	Password string `json:"password,omitempty"`
 	// IdentityToken is set for Kind Token.
 	IdentityToken string `json:"identity_token,omitempty"`
+
+	// The AWS fields are for Kind ECR; every one is optional. With no keys
+	// and no profile the AWS default credential chain is used.
+	AWS *AWSValue `json:"aws,omitempty"`
 }
+
+// AWSValue says which AWS identity an ECR secret exchanges for registry
+// tokens. It is part of the sealed value.
+type AWSValue struct {
+	AccessKeyID     string `json:"access_key_id,omitempty"`
+	SecretAccessKey string `json:"secret_access_key,omitempty"`
+	// RoleARN is assumed through STS (with ExternalID, if set) using the
+	// keys, the profile or the default chain.
+	RoleARN    string `json:"role_arn,omitempty"`
+	ExternalID string `json:"external_id,omitempty"`
+	// Profile names a profile of the shared AWS config files.
+	Profile string `json:"profile,omitempty"`
+	// Region is for registry patterns that are not ECR host names (a
+	// mirror, an alias); an ECR host names its own.
+	Region string `json:"region,omitempty"`
+}
+
+// String never prints the value.
+func (AWSValue) String() string { return "secret.AWSValue{REDACTED}" }
+
+// GoString keeps %#v from leaking the value.
+func (a AWSValue) GoString() string { return a.String() }
 
 // String never prints the value, so a stray %v cannot leak it.
 func (Value) String() string { return "secret.Value{REDACTED}" }
@@ -110,6 +139,9 @@ func Validate(s Secret, v Value) error {
 		if v.IdentityToken != "" {
 			return fmt.Errorf("secret %s: a basic secret has no identity token", s.Name)
 		}
+		if v.AWS != nil {
+			return fmt.Errorf("secret %s: a basic secret has no AWS identity", s.Name)
+		}
 	case Token:
 		if v.IdentityToken == "" {
 			return fmt.Errorf("secret %s: a token secret needs a token", s.Name)
@@ -117,8 +149,15 @@ func Validate(s Secret, v Value) error {
 		if v.Password != "" {
 			return fmt.Errorf("secret %s: a token secret has no password", s.Name)
 		}
+		if v.AWS != nil {
+			return fmt.Errorf("secret %s: a token secret has no AWS identity", s.Name)
+		}
+	case ECR:
+		if err := validateECR(s, v); err != nil {
+			return fmt.Errorf("secret %s: %w", s.Name, err)
+		}
 	default:
-		return fmt.Errorf("secret %s: unknown kind %q (want basic or token)", s.Name, s.Kind)
+		return fmt.Errorf("secret %s: unknown kind %q (want basic, token or ecr)", s.Name, s.Kind)
 	}
 	return nil
 }

@@ -29,6 +29,7 @@ func main() {
 		fn   func(context.Context) error
 	}{
 		{"helper-get", b.helperGet},
+		{"helper-ecr", b.helperECR},
 	} {
 		if *only != "" && !strings.Contains(s.name, *only) {
 			continue

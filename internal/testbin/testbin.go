@@ -3,6 +3,7 @@
 package testbin
 
 import (
+	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
@@ -29,6 +30,8 @@ func Build(t testing.TB, names ...string) string {
 	}
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
+	// As `make build` does: static binaries.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go %s: %v\n%s", strings.Join(args, " "), err, out)
 	}

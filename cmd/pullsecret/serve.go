@@ -1,0 +1,217 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+
+	"github.com/pullsecret/pullsecret/proxy"
+	"github.com/pullsecret/pullsecret/secret"
+	"github.com/pullsecret/pullsecret/secret/awsecr"
+)
+
+func serveCommand() *command {
+	return &command{
+		summary: "Serve the pull-through proxy, token server and credential API",
+		usage:   serveUsage,
+		run:     (*cli).serve,
+	}
+}
+
+const serveUsage = `Usage: pullsecret serve [--listen ADDR] [--config FILE] [--tls-cert F --tls-key F] [FLAGS]
+
+Serve, on one host:port:
+  /v2/                 the registry API: an authenticating pull-through proxy
+                       to the upstreams of each project's pull secrets
+                       (/v2/<upstream>/<repo>/... or containerd's ?ns=),
+                       with push pass-through for tokens with the push scope
+  /token               the registry token server (project token as password)
+  /api/v1/credentials  the credential API of the helper's remote mode
+  /healthz /readyz     liveness and readiness
+  /metrics             Prometheus metrics
+
+With no flags it listens on 127.0.0.1:5080 over plain HTTP, with the data
+folder of $PULLSECRET_HOME. Flags override the config file; docs/CONFIG.md
+describes every key. SIGINT or SIGTERM shuts down gracefully.
+
+Flags:
+  --listen ADDR                 listen address (default 127.0.0.1:5080)
+  --config FILE                 YAML config file (unknown keys are errors)
+  --tls-cert FILE, --tls-key FILE
+                                serve HTTPS with this PEM certificate and key
+  --external-url URL            how clients reach this server (token realm)
+  --allow-private-upstreams V   true, false, or a comma-separated list of
+                                CIDR prefixes, addresses and host names that
+                                upstreams may resolve to (default: none)
+  --log-level LEVEL             debug, info, warn or error (default info)
+  --log-format FORMAT           text or json (default text)
+  --home DIR                    data folder (default: $PULLSECRET_HOME)
+`
+
+func (c *cli) serve(args []string) error {
+	fs := newFlagSet("serve")
+	var (
+		listen, cfgFile, tlsCert, tlsKey, external, allowPriv, logLevel, logFormat, home string
+	)
+	fs.StringVar(&listen, "listen", "", "")
+	fs.StringVar(&cfgFile, "config", "", "")
+	fs.StringVar(&tlsCert, "tls-cert", "", "")
+	fs.StringVar(&tlsKey, "tls-key", "", "")
+	fs.StringVar(&external, "external-url", "", "")
+	fs.StringVar(&allowPriv, "allow-private-upstreams", "", "")
+	fs.StringVar(&logLevel, "log-level", "", "")
+	fs.StringVar(&logFormat, "log-format", "", "")
+	fs.StringVar(&home, "home", "", "")
+	pos, err := c.parseFlags(fs, args, serveUsage)
+	if err != nil {
+		return err
+	}
+	if err := noArgs(pos, serveUsage); err != nil {
+		return err
+	}
+	cfg := proxy.DefaultConfig()
+	if cfgFile != "" {
+		if cfg, err = proxy.LoadConfig(cfgFile); err != nil {
+			return err
+		}
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	if set["listen"] {
+		cfg.Listen = listen
+	}
+	if set["tls-cert"] {
+		cfg.TLSCert = tlsCert
+	}
+	if set["tls-key"] {
+		cfg.TLSKey = tlsKey
+	}
+	if set["external-url"] {
+		cfg.ExternalURL = external
+	}
+	if set["allow-private-upstreams"] {
+		p, err := proxy.ParsePrivatePolicy(allowPriv)
+		if err != nil {
+			return &usageError{msg: "--allow-private-upstreams: " + err.Error(), usage: serveUsage}
+		}
+		cfg.AllowPrivateUpstreams = p
+	}
+	if set["log-level"] {
+		cfg.Log.Level = logLevel
+	}
+	if set["log-format"] {
+		cfg.Log.Format = logFormat
+	}
+	if set["home"] {
+		cfg.Home = home
+	} else if c.home != "" {
+		cfg.Home = c.home
+	}
+	if err := cfg.Validate(); err != nil {
+		return fmt.Errorf("configuration: %w", err)
+	}
+	log := proxy.NewLogger(c.stderr, cfg.Log)
+	ps, err := c.newProxyServer(cfg, log)
+	if err != nil {
+		return err
+	}
+	ln, err := ps.srv.Listen()
+	if err != nil {
+		return err
+	}
+	scheme := "http"
+	if cfg.TLSCert != "" {
+		scheme = "https"
+	}
+	log.Info("serving", "url", scheme+"://"+ln.Addr().String(), "home", ps.home,
+		"private_upstreams", cfg.AllowPrivateUpstreams.Describe())
+	return ps.srv.Serve(c.ctx, ln)
+}
+
+// proxyServer is a configured server and what it was built from.
+type proxyServer struct {
+	srv    *proxy.Server
+	store  *secret.Store
+	tokens *proxy.TokenStore
+	auth   *proxy.Auth
+	home   string
+}
+
+// newProxyServer opens the data folder and wires the store, the token
+// store, the token server, the credential API, the kubelet API (when
+// configured) and the proxy.
+func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, error) {
+	home := cfg.Home
+	if home == "" {
+		var err error
+		if home, err = secret.HomeFromEnv(c.getenv); err != nil {
+			return nil, err
+		}
+	}
+	store, err := secret.Open(home,
+		secret.WithKeyFile(c.getenv("PULLSECRET_KEY_FILE")),
+		secret.WithDiskCachedECR(awsecr.NewFromEnv(c.getenv), secret.WithCacheLogger(log)))
+	if err != nil {
+		return nil, err
+	}
+	tokens, err := proxy.NewTokenStore(home)
+	if err != nil {
+		return nil, err
+	}
+	signer, err := proxy.LoadSigner(home)
+	if err != nil {
+		return nil, err
+	}
+	// The server counts failed logins in its metrics; it is built after
+	// the authenticator, hence the late binding (set before serving).
+	var loginFailure func(string)
+	aopts := []proxy.AuthOption{
+		proxy.WithTokenTTL(cfg.TokenTTL),
+		proxy.WithRepositoryFilter(proxy.AllowlistFilter(cfg, store)),
+		proxy.WithAuthLogger(log),
+		proxy.WithAuthFailureHook(func(reason string) {
+			if loginFailure != nil {
+				loginFailure(reason)
+			}
+		}),
+	}
+	if cfg.ExternalURL != "" {
+		u, err := proxy.ParseExternalURL(cfg.ExternalURL)
+		if err != nil {
+			return nil, err
+		}
+		aopts = append(aopts, proxy.WithExternalURL(u))
+	}
+	auth := proxy.NewAuth(tokens, signer, aopts...)
+	var hosts []string
+	if h, _, err := net.SplitHostPort(cfg.Listen); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
+		hosts = append(hosts, cfg.Listen)
+	}
+	sopts := []proxy.Option{
+		proxy.WithLogger(log),
+		proxy.WithHandler("/token", auth.TokenHandler()),
+		proxy.WithHandler(proxy.CredentialAPIPath, proxy.NewCredentialAPI(auth, store,
+			proxy.WithProxyHosts(hosts...), proxy.WithCredentialLogger(log))),
+	}
+	if cfg.Kubelet != nil && len(cfg.Kubelet.Issuers) > 0 {
+		k, err := proxy.NewKubeletAPI(*cfg.Kubelet, store, proxy.WithKubeletPullTokens(tokens))
+		if err != nil {
+			return nil, err
+		}
+		sopts = append(sopts, proxy.WithHandler(proxy.KubeletAPIPath, k))
+	}
+	srv, err := proxy.New(cfg, store, auth, sopts...)
+	if err != nil {
+		return nil, err
+	}
+	loginFailure = srv.LoginFailure
+	return &proxyServer{srv: srv, store: store, tokens: tokens, auth: auth, home: home}, nil
+}
+
+// indent prefixes every line of s.
+func indent(s, prefix string) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	return prefix + strings.Join(lines, "\n"+prefix) + "\n"
+}
