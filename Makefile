@@ -37,7 +37,7 @@ bench: build
 # A short run of every fuzz target; FUZZTIME=10m for a long one.
 fuzz:
 	@set -e; for spec in \
-		./secret:FuzzParseServerURL ./secret:FuzzPatternMatch ./secret:FuzzParseDockerConfig \
+		./secret:FuzzParseServerURL ./secret:FuzzPatternMatch ./secret/dockerconfig:FuzzParseDockerConfig \
 		./credhelper:FuzzHelperStdin ./proxy:FuzzParseScopes ; do \
 		pkg=$${spec%%:*}; fn=$${spec##*:}; \
 		echo "== $$fn ($$pkg)"; \

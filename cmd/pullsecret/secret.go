@@ -13,6 +13,7 @@ import (
 
 	"github.com/pullsecret/pullsecret/credhelper"
 	"github.com/pullsecret/pullsecret/secret"
+	"github.com/pullsecret/pullsecret/secret/dockerconfig"
 )
 
 func secretCommand() *command {
@@ -299,7 +300,7 @@ func joinPatterns(ps []secret.Pattern) string {
 
 // importStep is what the import does for one registry.
 type importStep struct {
-	cred    secret.DockerCredential
+	cred    dockerconfig.DockerCredential
 	name    string
 	existed bool
 }
@@ -323,7 +324,7 @@ func (c *cli) secretImport(args []string) error {
 	if err != nil {
 		return err
 	}
-	data, err := c.readFile(from, secret.MaxDockerConfigSize)
+	data, err := c.readFile(from, dockerconfig.MaxDockerConfigSize)
 	if err != nil {
 		return err
 	}
@@ -332,7 +333,7 @@ func (c *cli) secretImport(args []string) error {
 	if from == "-" {
 		label = "standard input"
 	}
-	cfg, err := secret.ParseDockerConfig(data)
+	cfg, err := dockerconfig.ParseDockerConfig(data)
 	if err != nil {
 		return fmt.Errorf("%s: %w", label, err)
 	}
@@ -386,7 +387,7 @@ func sameValue(a, b secret.Value) bool {
 // other) is updated in place, whatever its name; otherwise the secret is
 // named after the registry, with a "-2", "-3"... suffix if the name is
 // taken. Re-importing a file therefore lands on the same secrets.
-func planImport(project string, existing []secret.Secret, creds []secret.DockerCredential) ([]importStep, error) {
+func planImport(project string, existing []secret.Secret, creds []dockerconfig.DockerCredential) ([]importStep, error) {
 	taken := map[string]bool{}
 	claims := map[secret.Pattern]secret.Secret{}
 	for _, s := range existing {

@@ -30,6 +30,7 @@ func main() {
 	}{
 		{"helper-get", b.helperGet},
 		{"helper-ecr", b.helperECR},
+		{"proxy", b.proxyBench},
 	} {
 		if *only != "" && !strings.Contains(s.name, *only) {
 			continue

@@ -456,3 +456,40 @@ func TestHitReader(t *testing.T) {
 		})
 	}
 }
+
+// Empty blobs (the empty layer) and blobs of unknown size go through the
+// same fill.
+func TestEdgeSizes(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		content []byte
+		size    int64 // announced
+	}{
+		{"empty", nil, 0},
+		{"empty, size unknown", nil, -1},
+		{"one byte", []byte{7}, 1},
+		{"size unknown", randomBytes(1<<20+3, 9), -1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			c, _ := newTestCache(t)
+			d := digest.FromBytes(tc.content)
+			fetch := func(context.Context) (Fetched, error) {
+				return Fetched{Body: io.NopCloser(bytes.NewReader(tc.content)), Size: tc.size}, nil
+			}
+			for _, pass := range []string{"fill", "hit"} {
+				r, err := c.Blob(context.Background(), d, fetch)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got, err := io.ReadAll(r)
+				if err != nil || !bytes.Equal(got, tc.content) || r.Size() != int64(len(tc.content)) {
+					t.Fatalf("%s: %d bytes, size %d, %v", pass, len(got), r.Size(), err)
+				}
+				_ = r.Close()
+				waitCommitted(t, c, KindBlob, d)
+			}
+		})
+	}
+}

@@ -1,4 +1,8 @@
-package secret
+// Package dockerconfig reads registry credentials from Docker config.json
+// files, .dockerconfigjson and Kubernetes Secret manifests, for
+// `pullsecret secret import`. It is apart from package secret so that the
+// credential helper, which starts on every pull, links no YAML parser.
+package dockerconfig
 
 import (
 	"bytes"
@@ -6,8 +10,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"slices"
 	"strings"
+
+	"github.com/pullsecret/pullsecret/secret"
+	"gopkg.in/yaml.v3"
 )
 
 // Formats that ParseDockerConfig recognises.
@@ -39,14 +48,14 @@ type DockerConfig struct {
 type DockerCredential struct {
 	// Key is the entry's key as the file spells it (user info removed).
 	Key      string
-	Registry Pattern
-	Kind     Kind // Basic or Token
-	Value    Value
+	Registry secret.Pattern
+	Kind     secret.Kind // Basic or Token
+	Value    secret.Value
 }
 
 // String never prints the value.
 func (d DockerCredential) String() string {
-	return fmt.Sprintf("secret.DockerCredential{%s %s REDACTED}", d.Registry, d.Kind)
+	return fmt.Sprintf("dockerconfig.DockerCredential{%s %s REDACTED}", d.Registry, d.Kind)
 }
 
 // GoString keeps %#v from leaking the value.
@@ -301,7 +310,7 @@ func (p *dcParser) entries(cfg *DockerConfig, auths map[string]json.RawMessage, 
 		keys = append(keys, k)
 	}
 	slices.Sort(keys)
-	byPattern := map[Pattern]int{}
+	byPattern := map[secret.Pattern]int{}
 	for _, k := range keys {
 		key := safeKey(strings.TrimSpace(k))
 		skip := func(reason string) { cfg.Skipped = append(cfg.Skipped, DockerConfigNote{Key: key, Reason: reason}) }
@@ -332,7 +341,7 @@ func (p *dcParser) entries(cfg *DockerConfig, auths map[string]json.RawMessage, 
 			skip("wildcard registry keys are not supported; create a secret per registry instead")
 			continue
 		}
-		pat, err := ParsePattern(k)
+		pat, err := secret.ParsePattern(k)
 		if err != nil {
 			return fmt.Errorf("registry %q: %w", key, err)
 		}
@@ -366,34 +375,34 @@ func (p *dcParser) entries(cfg *DockerConfig, auths map[string]json.RawMessage, 
 // entryValue reads an entry's credential the way Docker and Kubernetes do:
 // an identity token wins; otherwise the "auth" field, when set, overrides
 // "username" and "password". A kind of "" means the entry holds none.
-func entryValue(e dockerEntry) (Kind, Value, error) {
+func entryValue(e dockerEntry) (secret.Kind, secret.Value, error) {
 	if e.IdentityToken != "" {
-		return Token, Value{IdentityToken: e.IdentityToken}, nil
+		return secret.Token, secret.Value{IdentityToken: e.IdentityToken}, nil
 	}
 	user, pass := e.Username, e.Password
 	if a := strings.TrimSpace(e.Auth); a != "" {
 		dec, err := decodeBase64(a)
 		if err != nil {
-			return "", Value{}, errors.New(`the "auth" field is not valid base64`)
+			return "", secret.Value{}, errors.New(`the "auth" field is not valid base64`)
 		}
 		u, pw, ok := strings.Cut(string(dec), ":")
 		if !ok {
-			return "", Value{}, errors.New(`the "auth" field does not decode to "username:password"`)
+			return "", secret.Value{}, errors.New(`the "auth" field does not decode to "username:password"`)
 		}
 		user, pass = u, pw
 	}
 	switch {
 	case user == "" && pass == "":
-		return "", Value{}, nil
+		return "", secret.Value{}, nil
 	case user == "":
-		return "", Value{}, errors.New("a password without a username")
+		return "", secret.Value{}, errors.New("a password without a username")
 	case pass == "":
-		return "", Value{}, errors.New("a username without a password")
+		return "", secret.Value{}, errors.New("a username without a password")
 	case user == "<token>":
 		// The docker-credential-helpers spelling of an identity token.
-		return Token, Value{IdentityToken: pass}, nil
+		return secret.Token, secret.Value{IdentityToken: pass}, nil
 	}
-	return Basic, Value{Username: user, Password: pass}, nil
+	return secret.Basic, secret.Value{Username: user, Password: pass}, nil
 }
 
 // decodeBase64 accepts standard and URL-safe base64, padded or not, and
@@ -536,20 +545,50 @@ func safeWord(s string) string {
 	return s
 }
 
-// parseYAML reads a Kubernetes Secret manifest written in YAML. It is not a
-// YAML parser: it reads the shapes that kubectl and people write for a
-// Secret (top-level kind, data and stringData mappings; plain, quoted and
-// block scalar values; several documents), which is all this needs, without
-// a YAML dependency.
+// parseYAML reads a Kubernetes Secret manifest written in YAML (one or
+// more documents; the one Secret holding docker config data is used).
 func (p *dcParser) parseYAML(src string) (DockerConfig, error) {
-	docs, err := yamlSecrets(src)
-	if err != nil {
-		return DockerConfig{}, err
+	var docs [][]dataValue
+	dec := yaml.NewDecoder(strings.NewReader(src))
+	for {
+		var m struct {
+			Kind       string            `yaml:"kind"`
+			Data       map[string]string `yaml:"data"`
+			StringData map[string]string `yaml:"stringData"`
+		}
+		err := dec.Decode(&m)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			continue // not a mapping of the Secret's shape
+		}
+		if err != nil {
+			return DockerConfig{}, yamlError(err)
+		}
+		if m.Kind != "" && m.Kind != "Secret" {
+			continue
+		}
+		var cur []dataValue
+		for _, sec := range []struct {
+			name string
+			m    map[string]string
+		}{{"data", m.Data}, {"stringData", m.StringData}} {
+			for _, k := range slices.Sorted(maps.Keys(sec.m)) {
+				if k != ".dockerconfigjson" && k != ".dockercfg" {
+					continue
+				}
+				cur = append(cur, dataValue{section: sec.name, key: k, value: sec.m[k]})
+			}
+		}
+		if len(cur) > 0 {
+			docs = append(docs, cur)
+		}
 	}
 	switch len(docs) {
 	case 0:
-		return DockerConfig{}, errors.New("not a Docker config file (JSON with \"auths\"), a .dockerconfigjson, " +
-			"nor a Kubernetes Secret manifest with .dockerconfigjson data")
+		return DockerConfig{}, errors.New(notDockerConfig)
 	case 1:
 	default:
 		return DockerConfig{}, fmt.Errorf("the manifest holds %d Secrets with registry credentials; import them one at a time", len(docs))
@@ -559,235 +598,23 @@ func (p *dcParser) parseYAML(src string) (DockerConfig, error) {
 	return cfg, err
 }
 
-// yamlSecrets returns, for every document that is a Secret (or names no
-// kind) and holds docker config data, the values found.
-func yamlSecrets(src string) ([][]dataValue, error) {
-	lines := strings.Split(strings.ReplaceAll(src, "\r\n", "\n"), "\n")
-	var out [][]dataValue
-	var cur []dataValue
-	kind, section, childIndent := "", "", -1
-	flush := func() {
-		if len(cur) > 0 && (kind == "" || kind == "Secret") {
-			out = append(out, cur)
-		}
-		cur, kind, section, childIndent = nil, "", "", -1
-	}
-	for i := 0; i < len(lines); i++ {
-		line := lines[i]
-		if line == "---" || strings.HasPrefix(line, "--- ") || line == "..." {
-			flush()
-			continue
-		}
-		t := strings.TrimSpace(line)
-		if t == "" || t[0] == '#' {
-			continue
-		}
-		ind := len(line) - len(strings.TrimLeft(line, " "))
-		k, rest, ok := yamlKey(t)
-		if ind == 0 {
-			section = ""
-			if !ok {
-				continue
-			}
-			switch k {
-			case "kind":
-				kind = stripComment(rest)
-				if v, err := unquoteYAML(kind); err == nil && (kind[0] == '"' || kind[0] == '\'') {
-					kind = v
-				}
-			case "data", "stringData":
-				if strings.HasPrefix(rest, "{") {
-					found, err := yamlFlowMap(k, rest, i)
-					if err != nil {
-						return nil, err
-					}
-					cur = append(cur, found...)
-					continue
-				}
-				section, childIndent = k, -1
-			}
-			continue
-		}
-		if section == "" || !ok {
-			continue
-		}
-		if childIndent < 0 {
-			childIndent = ind
-		}
-		if ind != childIndent || (k != ".dockerconfigjson" && k != ".dockercfg") {
-			continue
-		}
-		v, next, err := yamlScalar(lines, i, ind, rest)
-		if err != nil {
-			return nil, err
-		}
-		cur = append(cur, dataValue{section: section, key: k, value: v})
-		i = next - 1
-	}
-	flush()
-	return out, nil
-}
+const notDockerConfig = "not a Docker config file (JSON with \"auths\"), a .dockerconfigjson, " +
+	"nor a Kubernetes Secret manifest with .dockerconfigjson data"
 
-// yamlFlowMap reads `data: {".dockerconfigjson": "..."}` when it is also
-// JSON, which is how such a line is usually written.
-func yamlFlowMap(section, rest string, i int) ([]dataValue, error) {
-	var m map[string]string
-	if err := json.Unmarshal([]byte(stripComment(rest)), &m); err != nil {
-		return nil, fmt.Errorf("line %d: %s: only a block mapping or a JSON-style flow mapping of strings is understood", i+1, section)
-	}
-	var out []dataValue
-	for _, k := range []string{".dockerconfigjson", ".dockercfg"} {
-		if v, ok := m[k]; ok {
-			out = append(out, dataValue{section: section, key: k, value: v})
+// yamlError rewords a YAML error without quoting the input: yaml.v3's
+// messages can quote a value, and a value here may be a credential. Only
+// the line number is kept.
+func yamlError(err error) error {
+	msg := err.Error()
+	if i := strings.Index(msg, "line "); i >= 0 {
+		n := msg[i+5:]
+		j := 0
+		for j < len(n) && n[j] >= '0' && n[j] <= '9' {
+			j++
+		}
+		if j > 0 {
+			return fmt.Errorf("%s (YAML error at line %s)", notDockerConfig, n[:j])
 		}
 	}
-	return out, nil
-}
-
-// yamlKey splits "key: rest" (the key plain or quoted).
-func yamlKey(t string) (key, rest string, ok bool) {
-	if t[0] == '"' || t[0] == '\'' {
-		end := closingQuote(t, t[0])
-		if end < 0 {
-			return "", "", false
-		}
-		q := t[:end+1]
-		after := t[end+1:]
-		if !strings.HasPrefix(after, ":") || (len(after) > 1 && after[1] != ' ' && after[1] != '\t') {
-			return "", "", false
-		}
-		k, err := unquoteYAML(q)
-		if err != nil {
-			return "", "", false
-		}
-		return k, strings.TrimSpace(after[1:]), true
-	}
-	if strings.HasPrefix(t, "- ") || t == "-" {
-		return "", "", false
-	}
-	if i := strings.Index(t, ": "); i >= 0 {
-		return strings.TrimSpace(t[:i]), strings.TrimSpace(t[i+2:]), true
-	}
-	if i := strings.Index(t, ":\t"); i >= 0 {
-		return strings.TrimSpace(t[:i]), strings.TrimSpace(t[i+2:]), true
-	}
-	if strings.HasSuffix(t, ":") {
-		return strings.TrimSpace(t[:len(t)-1]), "", true
-	}
-	return "", "", false
-}
-
-// closingQuote finds the quote that ends a quoted scalar starting at s[0].
-func closingQuote(s string, q byte) int {
-	for i := 1; i < len(s); i++ {
-		switch {
-		case q == '"' && s[i] == '\\':
-			i++
-		case s[i] == q && q == '\'' && i+1 < len(s) && s[i+1] == '\'':
-			i++
-		case s[i] == q:
-			return i
-		}
-	}
-	return -1
-}
-
-func unquoteYAML(q string) (string, error) {
-	if len(q) < 2 {
-		return "", errors.New("bad quoted scalar")
-	}
-	if q[0] == '\'' {
-		return strings.ReplaceAll(q[1:len(q)-1], "''", "'"), nil
-	}
-	// YAML's double-quoted escapes are those of JSON plus a few rare ones.
-	var s string
-	if err := json.Unmarshal([]byte(q), &s); err != nil {
-		return "", errors.New("unsupported escape in a double-quoted scalar")
-	}
-	return s, nil
-}
-
-func stripComment(s string) string {
-	if i := strings.Index(s, " #"); i >= 0 {
-		s = s[:i]
-	}
-	return strings.TrimSpace(s)
-}
-
-// yamlScalar reads the value of the key on lines[i] whose text after the
-// colon is rest; keyIndent is the key's indentation. It returns the value
-// and the index of the first line after it.
-func yamlScalar(lines []string, i, keyIndent int, rest string) (string, int, error) {
-	// A tag such as !!binary or !!str says nothing this reader needs.
-	if strings.HasPrefix(rest, "!") {
-		if j := strings.IndexAny(rest, " \t"); j >= 0 {
-			rest = strings.TrimSpace(rest[j:])
-		} else {
-			rest = ""
-		}
-	}
-	// more reports whether lines[j] continues the value (indented deeper or blank).
-	more := func(j int) bool {
-		l := lines[j]
-		if strings.TrimSpace(l) == "" {
-			return true
-		}
-		return len(l)-len(strings.TrimLeft(l, " ")) > keyIndent
-	}
-	next := i + 1
-	switch {
-	case rest != "" && (rest[0] == '"' || rest[0] == '\''):
-		q := rest
-		for closingQuote(q, rest[0]) < 0 {
-			if next >= len(lines) || !more(next) {
-				return "", next, fmt.Errorf("line %d: unterminated quoted value", i+1)
-			}
-			q += " " + strings.TrimSpace(lines[next])
-			next++
-		}
-		end := closingQuote(q, rest[0])
-		if after := strings.TrimSpace(q[end+1:]); after != "" && after[0] != '#' {
-			return "", next, fmt.Errorf("line %d: unexpected text after a quoted value", i+1)
-		}
-		v, err := unquoteYAML(q[:end+1])
-		if err != nil {
-			return "", next, fmt.Errorf("line %d: %v", i+1, err)
-		}
-		return v, next, nil
-	case rest != "" && (rest[0] == '|' || rest[0] == '>'):
-		header := stripComment(rest)
-		if strings.Trim(header[1:], "+-0123456789") != "" {
-			return "", next, fmt.Errorf("line %d: bad block scalar header", i+1)
-		}
-		var body []string
-		blockIndent := -1
-		for ; next < len(lines) && more(next); next++ {
-			l := lines[next]
-			if strings.TrimSpace(l) == "" {
-				body = append(body, "")
-				continue
-			}
-			ind := len(l) - len(strings.TrimLeft(l, " "))
-			if blockIndent < 0 {
-				blockIndent = ind
-			}
-			if ind < blockIndent {
-				break
-			}
-			body = append(body, l[blockIndent:])
-		}
-		sep := "\n"
-		if rest[0] == '>' {
-			sep = " "
-		}
-		return strings.Join(body, sep), next, nil
-	default:
-		parts := []string{stripComment(rest)}
-		for ; next < len(lines) && more(next); next++ {
-			if t := strings.TrimSpace(lines[next]); t != "" && t[0] != '#' {
-				parts = append(parts, stripComment(t))
-			}
-		}
-		return strings.TrimSpace(strings.Join(parts, " ")), next, nil
-	}
+	return errors.New(notDockerConfig + " (neither JSON nor YAML)")
 }
