@@ -85,6 +85,35 @@ type Config struct {
 	// Kubelet turns on the kubelet credential-provider API when it names at
 	// least one issuer.
 	Kubelet *KubeletConfig `yaml:"kubelet"`
+	// Cache is the content cache in front of the upstreams (issue 4).
+	Cache CacheConfig `yaml:"cache"`
+}
+
+// CacheConfig configures the proxy's content cache.
+type CacheConfig struct {
+	// Enabled turns the cache on (default true).
+	Enabled bool `yaml:"enabled"`
+	// Driver is the storage driver: "filesystem" (the only one wired in
+	// serve so far).
+	Driver string `yaml:"driver"`
+	// Root is the filesystem driver's folder (default <home>/cache).
+	Root string `yaml:"root"`
+	// TagTTL is how long a cached tag is served before a HEAD upstream
+	// revalidates it (default 1m).
+	TagTTL time.Duration `yaml:"tag_ttl"`
+	// AccessTTL is how long a project's proven access to a repository lets
+	// it read cached content without asking the upstream (default 10m).
+	AccessTTL time.Duration `yaml:"access_ttl"`
+	// GC is the background retention policy.
+	GC CacheGCConfig `yaml:"gc"`
+}
+
+// CacheGCConfig is the background retention policy of the cache. Zero
+// fields do not limit; no limit at all, or no interval, runs no GC.
+type CacheGCConfig struct {
+	MaxSize   ByteSize      `yaml:"max_size"`
+	OlderThan time.Duration `yaml:"older_than"`
+	Interval  time.Duration `yaml:"interval"`
 }
 
 // ProjectConfig is one project's settings.
@@ -132,6 +161,12 @@ func DefaultConfig() Config {
 			MaxIdleConnsPerHost:   DefaultUpstreamMaxIdleConnsHost,
 		},
 		Log: LogConfig{Level: "info", Format: "text"},
+		Cache: CacheConfig{
+			Enabled:   true,
+			Driver:    "filesystem",
+			TagTTL:    DefaultCacheTagTTL,
+			AccessTTL: DefaultCacheAccessTTL,
+		},
 	}
 }
 
@@ -287,6 +322,26 @@ func (c *Config) Validate() error {
 		c.Log.Format = strings.ToLower(c.Log.Format)
 	default:
 		bad("log.format: %q (want text or json)", c.Log.Format)
+	}
+	cc := &c.Cache
+	switch strings.ToLower(cc.Driver) {
+	case "", "filesystem":
+		cc.Driver = "filesystem"
+	default:
+		bad("cache.driver: %q (want filesystem)", cc.Driver)
+	}
+	if cc.TagTTL < 0 {
+		bad("cache.tag_ttl: negative")
+	} else if cc.TagTTL == 0 {
+		cc.TagTTL = DefaultCacheTagTTL
+	}
+	if cc.AccessTTL < 0 {
+		bad("cache.access_ttl: negative")
+	} else if cc.AccessTTL == 0 {
+		cc.AccessTTL = DefaultCacheAccessTTL
+	}
+	if cc.GC.MaxSize < 0 || cc.GC.OlderThan < 0 || cc.GC.Interval < 0 {
+		bad("cache.gc: negative value")
 	}
 	return errors.Join(errs...)
 }

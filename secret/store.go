@@ -108,6 +108,10 @@ func (s *Store) load() (*document, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read store: %w", err)
 	}
+	return s.parse(b)
+}
+
+func (s *Store) parse(b []byte) (*document, error) {
 	var d document
 	if err := json.Unmarshal(b, &d); err != nil {
 		return nil, fmt.Errorf("store file %s is damaged (%v); it was left as it is", s.Path(), err)
@@ -116,6 +120,49 @@ func (s *Store) load() (*document, error) {
 		return nil, fmt.Errorf("store file %s: format %d, this version reads %d", s.Path(), d.Format, storeFormat)
 	}
 	return &d, nil
+}
+
+const (
+	docHeader  = `{"format":1,"secrets":[`
+	docTrailer = `]}`
+)
+
+// loadHost is load for a lookup of one registry host: in a file of the
+// shape save writes (one record a line), it decodes only the lines that
+// name the host, since a record that does not cannot match it. A lookup
+// happens on every pull, in a fresh helper process, and decoding every
+// record was most of its work. Any other shape is decoded whole.
+func (s *Store) loadHost(host string) (*document, error) {
+	b, err := os.ReadFile(s.Path())
+	if errors.Is(err, fs.ErrNotExist) {
+		return &document{Format: storeFormat}, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read store: %w", err)
+	}
+	lines := bytes.Split(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
+	n := len(lines)
+	if n < 2 || string(lines[0]) != docHeader || string(lines[n-1]) != docTrailer {
+		return s.parse(b)
+	}
+	d := &document{Format: storeFormat}
+	for i, l := range lines[1 : n-1] {
+		if i < n-3 {
+			l = bytes.TrimSuffix(l, []byte(","))
+		}
+		if len(l) < 2 || l[0] != '{' || l[len(l)-1] != '}' {
+			return s.parse(b) // not the shape save writes: let the full decoder judge it
+		}
+		if !bytes.Contains(l, []byte(host)) {
+			continue
+		}
+		var r record
+		if err := json.Unmarshal(l, &r); err != nil {
+			return nil, fmt.Errorf("store file %s is damaged (line %d: %v); it was left as it is", s.Path(), i+2, err)
+		}
+		d.Secrets = append(d.Secrets, r)
+	}
+	return d, nil
 }
 
 func (s *Store) keyring(create bool) (*Keyring, error) {
@@ -183,7 +230,7 @@ func (s *Store) save(d *document) error {
 	// One record a line: compact enough that a lookup, which parses the
 	// whole file, stays cheap, and still readable in a diff.
 	var buf bytes.Buffer
-	fmt.Fprintf(&buf, "{\"format\":%d,\"secrets\":[", d.Format)
+	buf.WriteString(docHeader)
 	for i, r := range d.Secrets {
 		b, err := json.Marshal(r)
 		if err != nil {
@@ -195,7 +242,7 @@ func (s *Store) save(d *document) error {
 		buf.WriteString("\n")
 		buf.Write(b)
 	}
-	buf.WriteString("\n]}\n")
+	buf.WriteString("\n" + docTrailer + "\n")
 	return writeFileAtomic(s.Path(), buf.Bytes())
 }
 
@@ -445,7 +492,7 @@ func (s *Store) Match(_ context.Context, project string, t Target) (Secret, Valu
 	if project == "" {
 		project = DefaultProject
 	}
-	d, err := s.load()
+	d, err := s.loadHost(t.Host)
 	if err != nil {
 		return Secret{}, Value{}, err
 	}

@@ -542,3 +542,51 @@ func TestKilledWriter(t *testing.T) {
 		t.Fatalf("final store: %v", err)
 	}
 }
+
+// TestLoadHostShapes: the line-filtered lookup and the full decode agree,
+// and a file not in save's shape (here re-indented by hand) still works.
+func TestLoadHostShapes(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	s := newStore(t)
+	for i := range 20 {
+		if _, err := s.Create(ctx, basic(t, fmt.Sprintf("s%d", i), fmt.Sprintf("r%d.io/team", i), fmt.Sprintf("m%d.io", i)), Value{Username: fmt.Sprint("u", i), Password: "p"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func(stage string) {
+		for i := range 20 {
+			for _, host := range []string{fmt.Sprintf("r%d.io/team/app", i), fmt.Sprintf("m%d.io", i)} {
+				tg, _ := ParseServerURL(host)
+				_, c, err := s.Resolve(ctx, "", tg)
+				if err != nil || c.Username != fmt.Sprint("u", i) {
+					t.Fatalf("%s: %s: %v %q", stage, host, err, c.Username)
+				}
+			}
+		}
+		if _, _, err := s.Resolve(ctx, "", Target{Host: "r1.io"}); err != nil {
+			t.Fatalf("%s: host-only lookup of a prefix secret: %v", stage, err)
+		}
+	}
+	check("as saved")
+	d, err := s.load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.MarshalIndent(d, "", "    ")
+	if err := os.WriteFile(s.Path(), b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	check("re-indented")
+	// A line of the saved shape that is damaged is reported, not skipped,
+	// when it names the host being looked up.
+	if _, err := s.Rotate(ctx, "", "s3", Value{Password: "q"}); err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := os.ReadFile(s.Path())
+	raw = bytes.Replace(raw, []byte(`"name":"s3"`), []byte(`"name":s3"`), 1)
+	os.WriteFile(s.Path(), raw, 0o600)
+	if _, _, err := s.Resolve(ctx, "", Target{Host: "m3.io"}); err == nil || !strings.Contains(err.Error(), "damaged") {
+		t.Fatalf("damaged line: %v", err)
+	}
+}

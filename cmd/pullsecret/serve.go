@@ -1,13 +1,17 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"strings"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/pullsecret/pullsecret/proxy"
+	"github.com/pullsecret/pullsecret/proxy/cache"
 	"github.com/pullsecret/pullsecret/secret"
 	"github.com/pullsecret/pullsecret/secret/awsecr"
 )
@@ -127,6 +131,7 @@ func (c *cli) serve(args []string) error {
 	}
 	log.Info("serving", "url", scheme+"://"+ln.Addr().String(), "home", ps.home,
 		"private_upstreams", cfg.AllowPrivateUpstreams.Describe())
+	defer ps.close()
 	return ps.srv.Serve(c.ctx, ln)
 }
 
@@ -137,6 +142,23 @@ type proxyServer struct {
 	tokens *proxy.TokenStore
 	auth   *proxy.Auth
 	home   string
+	// cache is nil when cache.enabled is false.
+	cache   *cache.Cache
+	records *cache.MemoryAccessRecords
+	stopGC  context.CancelFunc
+}
+
+// close stops the background GC and closes the cache and access records.
+func (ps *proxyServer) close() {
+	if ps.stopGC != nil {
+		ps.stopGC()
+	}
+	if ps.cache != nil {
+		ps.cache.Close()
+	}
+	if ps.records != nil {
+		ps.records.Close()
+	}
 }
 
 // newProxyServer opens the data folder and wires the store, the token
@@ -202,12 +224,59 @@ func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, 
 		}
 		sopts = append(sopts, proxy.WithHandler(proxy.KubeletAPIPath, k))
 	}
+	ps := &proxyServer{store: store, tokens: tokens, auth: auth, home: home}
+	if cfg.Cache.Enabled {
+		reg := prometheus.NewRegistry()
+		if err := openProxyCache(c.ctx, ps, cfg, reg, log); err != nil {
+			return nil, err
+		}
+		sopts = append(sopts, proxy.WithMetricsRegistry(reg),
+			proxy.WithFetcher(func(next proxy.Fetcher) proxy.Fetcher {
+				return proxy.NewCachedFetcher(next, ps.cache, ps.records, proxy.CachedOptions{
+					TagTTL: cfg.Cache.TagTTL, AccessTTL: cfg.Cache.AccessTTL, Logger: log,
+				})
+			}))
+	}
 	srv, err := proxy.New(cfg, store, auth, sopts...)
 	if err != nil {
+		ps.close()
 		return nil, err
 	}
 	loginFailure = srv.LoginFailure
-	return &proxyServer{srv: srv, store: store, tokens: tokens, auth: auth, home: home}, nil
+	ps.srv = srv
+	return ps, nil
+}
+
+// openProxyCache opens the content cache (filesystem driver under
+// cache.root, default <home>/cache), the access records (<home>/access.json)
+// and starts the background GC when a policy and an interval are set.
+func openProxyCache(ctx context.Context, ps *proxyServer, cfg proxy.Config, reg *prometheus.Registry, log *slog.Logger) error {
+	root := cfg.Cache.Root
+	if root == "" {
+		root = filepath.Join(ps.home, "cache")
+	}
+	m, err := cache.NewPrometheus(reg)
+	if err != nil {
+		return err
+	}
+	cc, err := cache.OpenFilesystem(ctx, root, cache.WithTagTTL(cfg.Cache.TagTTL),
+		cache.WithMaxManifestSize(int64(cfg.MaxManifestSize)), cache.WithMetrics(m), cache.WithLogger(log))
+	if err != nil {
+		return fmt.Errorf("cache %s: %w", root, err)
+	}
+	records, err := cache.OpenAccessRecords(filepath.Join(ps.home, "access.json"))
+	if err != nil {
+		cc.Close()
+		return fmt.Errorf("access records: %w", err)
+	}
+	ps.cache, ps.records = cc, records
+	gc := cfg.Cache.GC
+	if gc.Interval > 0 && (gc.MaxSize > 0 || gc.OlderThan > 0) {
+		gctx, cancel := context.WithCancel(ctx)
+		ps.stopGC = cancel
+		go cc.RunGC(gctx, gc.Interval, cache.Policy{MaxSize: int64(gc.MaxSize), OlderThan: gc.OlderThan})
+	}
+	return nil
 }
 
 // indent prefixes every line of s.
