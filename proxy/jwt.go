@@ -20,6 +20,7 @@ import (
 
 	"github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	"github.com/pullsecret/pullsecret/internal/fsutil"
 )
 
 // SigningKeysFile is the file in the data folder holding the token signing
@@ -54,7 +55,7 @@ func LoadSigner(home string) (*Signer, error) {
 	if s, err := readSigner(path); !errors.Is(err, fs.ErrNotExist) {
 		return s, err
 	}
-	unlock, err := tokLockFile(filepath.Join(home, tokensLock))
+	unlock, err := fsutil.Lock(filepath.Join(home, tokensLock))
 	if err != nil {
 		return nil, err
 	}
@@ -75,7 +76,7 @@ func LoadSigner(home string) (*Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := tokWriteFileAtomic(path, append(data, '\n')); err != nil {
+	if err := fsutil.WriteFileAtomic(path, append(data, '\n')); err != nil {
 		return nil, fmt.Errorf("save signing key: %w", err)
 	}
 	return s, nil

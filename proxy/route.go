@@ -221,45 +221,11 @@ func validRepoPath(path string) *Error {
 		return newError(http.StatusBadRequest, CodeNameInvalid, "repository name longer than %d characters", maxNameLength)
 	}
 	for _, c := range strings.Split(path, "/") {
-		if !validComponent(c) {
+		if !secret.ValidComponent(c) {
 			return newError(http.StatusBadRequest, CodeNameInvalid, "invalid repository name %q: components are lower-case letters and digits separated by '.', '_', '__' or '-'", printableName(path))
 		}
 	}
 	return nil
-}
-
-func validComponent(c string) bool {
-	alnum := func(b byte) bool { return b >= 'a' && b <= 'z' || b >= '0' && b <= '9' }
-	if c == "" || !alnum(c[0]) || !alnum(c[len(c)-1]) {
-		return false
-	}
-	for i := 0; i < len(c); {
-		if alnum(c[i]) {
-			i++
-			continue
-		}
-		j := i
-		switch c[i] {
-		case '.':
-			j++
-		case '_':
-			j++
-			if j < len(c) && c[j] == '_' {
-				j++
-			}
-		case '-':
-			for j < len(c) && c[j] == '-' {
-				j++
-			}
-		default:
-			return false
-		}
-		if j >= len(c) || !alnum(c[j]) {
-			return false
-		}
-		i = j
-	}
-	return true
 }
 
 // printableName keeps client input short and printable in a message.

@@ -30,6 +30,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/pullsecret/pullsecret/internal/fsutil"
 	"github.com/pullsecret/pullsecret/secret"
 )
 
@@ -690,7 +691,7 @@ func (b *FileTokenBackend) load() (*tokenDoc, error) {
 // update runs fn on a private copy of the document under the writers'
 // lock and saves what it leaves.
 func (b *FileTokenBackend) update(fn func(d *tokenDoc) error) error {
-	unlock, err := tokLockFile(b.lock)
+	unlock, err := fsutil.Lock(b.lock)
 	if err != nil {
 		return err
 	}
@@ -720,7 +721,7 @@ func (b *FileTokenBackend) update(fn func(d *tokenDoc) error) error {
 		buf.Write(line)
 	}
 	buf.WriteString("\n]}\n")
-	return tokWriteFileAtomic(b.path, []byte(buf.String()))
+	return fsutil.WriteFileAtomic(b.path, []byte(buf.String()))
 }
 
 func findToken(d *tokenDoc, id string) int {
@@ -787,71 +788,6 @@ func (b *FileTokenBackend) Revoke(_ context.Context, id string, at time.Time) (T
 		return nil
 	})
 	return out, err
-}
-
-// tokWriteFileAtomic writes data to path (mode 0600) so that a reader, or
-// a crash at any moment, sees the old file or the new one (as secret's
-// store does).
-func tokWriteFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err = f.Chmod(0o600); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err = f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer d.Close()
-	if err = d.Sync(); err != nil {
-		return fmt.Errorf("write %s: sync folder: %w", path, err)
-	}
-	return nil
-}
-
-// tokLockFile takes an exclusive advisory lock serialising writers across
-// processes; the kernel drops it if the process dies.
-func tokLockFile(path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	for {
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
-		if err != syscall.EINTR {
-			break
-		}
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return func() {
-		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		f.Close()
-	}, nil
 }
 
 // tokPrintable keeps user input in a message readable and short.

@@ -1,80 +1,10 @@
 package secret
 
-import (
-	"fmt"
-	"os"
-	"path/filepath"
-	"syscall"
+import "github.com/pullsecret/pullsecret/internal/fsutil"
+
+// The store's file primitives are shared with the other stores.
+var (
+	writeFileAtomic = fsutil.WriteFileAtomic
+	lockFile        = fsutil.Lock
+	ensureDir       = fsutil.EnsureDir
 )
-
-// writeFileAtomic writes data to path so that a reader, or a crash at any
-// moment, sees either the old file or the new one: temporary file in the
-// same folder, fsync, rename, fsync of the folder.
-func writeFileAtomic(path string, data []byte) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err = f.Chmod(0o600); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err = f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer d.Close()
-	if err = d.Sync(); err != nil {
-		return fmt.Errorf("write %s: sync folder: %w", path, err)
-	}
-	return nil
-}
-
-// lockFile takes an exclusive advisory lock that serialises writers across
-// processes. The kernel drops it when the process dies, so a killed writer
-// never leaves the store locked.
-func lockFile(path string) (unlock func(), err error) {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	for {
-		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX)
-		if err != syscall.EINTR {
-			break
-		}
-	}
-	if err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return func() {
-		syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
-		f.Close()
-	}, nil
-}
-
-// ensureDir creates dir with mode 0700. An existing folder keeps its mode:
-// the operator may have pointed the home at a folder they manage.
-func ensureDir(dir string) error {
-	return os.MkdirAll(dir, 0o700)
-}

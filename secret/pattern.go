@@ -173,14 +173,16 @@ func validRepo(path string) error {
 		return fmt.Errorf("invalid repository path: longer than 255 characters")
 	}
 	for _, c := range strings.Split(path, "/") {
-		if !validComponent(c) {
+		if !ValidComponent(c) {
 			return fmt.Errorf("invalid repository path %q", path)
 		}
 	}
 	return nil
 }
 
-func validComponent(c string) bool {
+// ValidComponent reports whether c is one component of a repository name
+// in the distribution grammar.
+func ValidComponent(c string) bool {
 	alnum := func(b byte) bool { return b >= 'a' && b <= 'z' || b >= '0' && b <= '9' }
 	if c == "" || !alnum(c[0]) || !alnum(c[len(c)-1]) {
 		return false
