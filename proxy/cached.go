@@ -26,6 +26,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/pullsecret/pullsecret/proxy/cache"
 )
 
@@ -47,6 +48,15 @@ type CachedOptions struct {
 	Logger *slog.Logger
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+	// MaxManifestSize is named in the error of a manifest over the cache's
+	// limit (default 4 MiB).
+	MaxManifestSize int64
+	// Registerer, when set, gets pullsecret_cache_access_checks_total
+	// {project,upstream,result}: result is "valid" (a record within
+	// access_ttl), "proven" (the upstream accepted the project's
+	// credential), "denied" (401/403: revoked), "outage" (upstream down,
+	// served on an earlier record) or "failed".
+	Registerer prometheus.Registerer
 }
 
 // CachedFetcher serves manifests and blobs from a cache.Cache, filling it
@@ -60,6 +70,8 @@ type CachedFetcher struct {
 	accessTTL time.Duration
 	log       *slog.Logger
 	now       func() time.Time
+	checks    *prometheus.CounterVec
+	maxMan    int64
 }
 
 // NewCachedFetcher wraps next with the cache c and the access records.
@@ -77,7 +89,28 @@ func NewCachedFetcher(next Fetcher, c *cache.Cache, records cache.AccessRecords,
 	if f.now == nil {
 		f.now = time.Now
 	}
+	f.maxMan = o.MaxManifestSize
+	if f.maxMan <= 0 {
+		f.maxMan = DefaultMaxManifestSize
+	}
+	if o.Registerer != nil {
+		cv := prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "pullsecret_cache_access_checks_total",
+			Help: "Access checks of tenant isolation before serving cached content, by result.",
+		}, []string{"project", "upstream", "result"})
+		if err := o.Registerer.Register(cv); err == nil {
+			f.checks = cv
+		} else if are, ok := err.(prometheus.AlreadyRegisteredError); ok {
+			f.checks, _ = are.ExistingCollector.(*prometheus.CounterVec)
+		}
+	}
 	return f
+}
+
+func (f *CachedFetcher) count(t Target, result string) {
+	if f.checks != nil {
+		f.checks.WithLabelValues(t.Project, t.Upstream, result).Inc()
+	}
 }
 
 func accessKey(t Target) cache.AccessKey {
@@ -124,19 +157,24 @@ func (f *CachedFetcher) proven(ctx context.Context, t Target, err error) error {
 	k := accessKey(t)
 	switch {
 	case err == nil:
+		f.count(t, "proven")
 		f.records.Record(ctx, k, f.now())
 		return nil
 	case deniedErr(err):
+		f.count(t, "denied")
 		f.records.Revoke(ctx, k)
 		f.log.Info("cache: upstream refused the project's credential; access revoked", "project", t.Project, "upstream", t.Upstream, "repo", t.Repo)
 		return err
 	case unavailableErr(err):
 		if _, ok, _ := f.records.Last(ctx, k); ok {
+			f.count(t, "outage")
 			f.log.Warn("cache: upstream unavailable; serving from the cache on an earlier access record", "project", t.Project, "upstream", t.Upstream, "repo", t.Repo, "err", err)
 			return nil
 		}
+		f.count(t, "failed")
 		return err
 	default:
+		f.count(t, "failed")
 		return err
 	}
 }
@@ -144,7 +182,11 @@ func (f *CachedFetcher) proven(ctx context.Context, t Target, err error) error {
 // validAccess reports whether the project's access record is still valid.
 func (f *CachedFetcher) validAccess(ctx context.Context, t Target) bool {
 	ok, err := f.records.Valid(ctx, accessKey(t), f.accessTTL)
-	return ok && err == nil
+	if ok && err == nil {
+		f.count(t, "valid")
+		return true
+	}
+	return false
 }
 
 // ensureAccess proves access with probe unless the record is valid.
@@ -219,11 +261,15 @@ func (f *CachedFetcher) manifestByTag(ctx context.Context, t Target, tag string,
 		m, err := f.next.Manifest(ctx, t, tag, ManifestRequest{Head: true, Accept: req.Accept})
 		if err != nil {
 			if deniedErr(err) {
+				f.count(t, "denied")
 				f.records.Revoke(ctx, accessKey(t))
 			}
 			return cache.Descriptor{}, markUnavailable(err)
 		}
 		// A successful revalidation proves access, too.
+		if !valid {
+			f.count(t, "proven")
+		}
 		f.records.Record(ctx, accessKey(t), f.now())
 		proved = true
 		return cache.Descriptor{Digest: toDigest(m.Digest), MediaType: m.MediaType, Size: m.Size}, nil
@@ -243,12 +289,18 @@ func (f *CachedFetcher) manifestByTag(ctx context.Context, t Target, tag string,
 		}
 		return nil, mapTransportError(t, err, true)
 	}
+	if stale && !valid && !proved {
+		if _, ok, _ := f.records.Last(ctx, accessKey(t)); ok {
+			f.count(t, "outage")
+		}
+	}
 	if stale {
 		f.log.Warn("cache: upstream unavailable; serving a stale tag", "project", t.Project, "upstream", t.Upstream, "repo", t.Repo, "tag", tag, "digest", desc.Digest.String())
 	}
 	if !valid && !proved {
 		// Served stale without a fresh proof: only on an earlier record.
 		if _, ok, _ := f.records.Last(ctx, accessKey(t)); !ok {
+			f.count(t, "failed")
 			return nil, newError(http.StatusServiceUnavailable, CodeUnavailable, "upstream %s is unavailable and this project has not proven access to %s", t.Upstream, t.Repo)
 		}
 	}
@@ -275,7 +327,7 @@ func (f *CachedFetcher) cacheError(t Target, err error) *Error {
 	case errors.Is(err, cache.ErrDigestMismatch), errors.Is(err, cache.ErrSizeMismatch):
 		return newError(http.StatusBadGateway, CodeManifestInvalid, "upstream %s sent content whose digest does not match; nothing was served or cached", t.Upstream).withCause(err)
 	case errors.Is(err, cache.ErrManifestTooLarge):
-		return tooLarge(t, int64(DefaultMaxManifestSize))
+		return tooLarge(t, f.maxMan)
 	case errors.Is(err, context.Canceled):
 		return asError(err)
 	case errors.Is(err, context.DeadlineExceeded):
@@ -339,7 +391,7 @@ func (f *CachedFetcher) Blob(ctx context.Context, t Target, d v1.Hash, req BlobR
 	}
 	size := r.Size()
 	if req.Range == nil {
-		return &Blob{Digest: d, Size: size, Length: size, Body: r}, nil
+		return &Blob{Digest: d, Size: size, Length: size, Body: &cachedBody{r}}, nil
 	}
 	if size < 0 {
 		r.Close()
@@ -369,6 +421,15 @@ func (f *CachedFetcher) Blob(ctx context.Context, t Target, d v1.Hash, req BlobR
 			io.Closer
 		}{io.LimitReader(r, n), r}}, nil
 }
+
+// cachedBody is a whole blob served by the cache. The server writes a
+// committed entry with WriteTo (sendfile on the filesystem driver) and
+// does not count its bytes as upstream bytes: the cache counts those.
+type cachedBody struct{ *cache.Reader }
+
+// hit reports whether the blob comes from a committed cache entry (not
+// from a fill in flight, whose bytes may still fail verification).
+func (b *cachedBody) hit() bool { return b.Source() == cache.SourceCache }
 
 // Tags implements Fetcher: straight to the upstream.
 func (f *CachedFetcher) Tags(ctx context.Context, t Target, q TagQuery) (*TagList, error) {

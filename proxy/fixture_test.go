@@ -62,6 +62,12 @@ type pxOption func(*Config)
 
 func newPX(t testing.TB, opts ...pxOption) *pxFixture {
 	t.Helper()
+	return newPXWith(t, nil, opts...)
+}
+
+// newPXWith is newPX with extra server options (a fetcher wrapper).
+func newPXWith(t testing.TB, sopts []Option, opts ...pxOption) *pxFixture {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	home := t.TempDir()
@@ -91,7 +97,7 @@ func newPX(t testing.TB, opts ...pxOption) *pxFixture {
 	logs := &pxLog{}
 	logger := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	auth := NewAuth(tokens, signer, WithRepositoryFilter(AllowlistFilter(cfg, store)), WithAuthLogger(logger))
-	srv, err := New(cfg, store, auth, WithLogger(logger), WithHandler("/token", auth.TokenHandler()))
+	srv, err := New(cfg, store, auth, append([]Option{WithLogger(logger), WithHandler("/token", auth.TokenHandler())}, sopts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -478,6 +478,15 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, rt *route, t 
 		w.WriteHeader(status)
 		return
 	}
+	cb, fromCache := b.Body.(*cachedBody)
+	if fromCache && cb.hit() {
+		// A committed, verified cache entry: let the kernel copy it.
+		w.WriteHeader(status)
+		// On an error the body falls short of its Content-Length and
+		// net/http closes the connection: never a clean end.
+		io.Copy(w, cb.Reader)
+		return
+	}
 	// Read the first chunk before committing the status: a small blob
 	// that fails verification still gets a proper error.
 	body := &firstChunk{r: b.Body}
@@ -487,7 +496,7 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, rt *route, t 
 	}
 	w.WriteHeader(status)
 	n, rerr, werr := copyStream(w, body)
-	if info := infoFrom(r.Context()); info != nil {
+	if info := infoFrom(r.Context()); info != nil && !fromCache {
 		info.upstreamBytes = n
 	}
 	switch {

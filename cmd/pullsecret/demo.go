@@ -147,6 +147,7 @@ func (c *cli) demo(args []string) error {
 	if err != nil {
 		return err
 	}
+	defer ps.close()
 	ln, err := ps.srv.Listen()
 	if err != nil {
 		return err

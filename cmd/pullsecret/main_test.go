@@ -140,6 +140,14 @@ func checkHomeNoCanary(t *testing.T, home string) {
 			return nil
 		}
 		checkFileNoCanary(t, path)
+		if rel, _ := filepath.Rel(home, path); strings.HasPrefix(rel, "cache"+string(filepath.Separator)) {
+			// The cache's storage driver writes 0644 files; its folder
+			// must be private instead.
+			if st, err := os.Stat(filepath.Join(home, "cache")); err == nil && st.Mode().Perm()&0o077 != 0 {
+				t.Errorf("%s: mode %v, want 0700", filepath.Join(home, "cache"), st.Mode().Perm())
+			}
+			return nil
+		}
 		if st, err := os.Stat(path); err == nil && st.Mode().Perm()&0o077 != 0 {
 			t.Errorf("%s: mode %v, want 0600", path, st.Mode().Perm())
 		}

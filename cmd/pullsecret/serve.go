@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -233,7 +234,8 @@ func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, 
 		sopts = append(sopts, proxy.WithMetricsRegistry(reg),
 			proxy.WithFetcher(func(next proxy.Fetcher) proxy.Fetcher {
 				return proxy.NewCachedFetcher(next, ps.cache, ps.records, proxy.CachedOptions{
-					TagTTL: cfg.Cache.TagTTL, AccessTTL: cfg.Cache.AccessTTL, Logger: log,
+					TagTTL: cfg.Cache.TagTTL, AccessTTL: cfg.Cache.AccessTTL, Logger: log, Registerer: reg,
+					MaxManifestSize: int64(cfg.MaxManifestSize),
 				})
 			}))
 	}
@@ -262,6 +264,12 @@ func openProxyCache(ctx context.Context, ps *proxyServer, cfg proxy.Config, reg 
 	cc, err := cache.OpenFilesystem(ctx, root, cache.WithTagTTL(cfg.Cache.TagTTL),
 		cache.WithMaxManifestSize(int64(cfg.MaxManifestSize)), cache.WithMetrics(m), cache.WithLogger(log))
 	if err != nil {
+		return fmt.Errorf("cache %s: %w", root, err)
+	}
+	// The storage driver writes 0644 files: the folder keeps them private
+	// (cached layers of private images are no one else's business).
+	if err := os.Chmod(root, 0o700); err != nil {
+		cc.Close()
 		return fmt.Errorf("cache %s: %w", root, err)
 	}
 	records, err := cache.OpenAccessRecords(filepath.Join(ps.home, "access.json"))
