@@ -106,9 +106,17 @@ func (l *Local) Add(c *credentials.Credentials) error {
 	sec.Name = NameFor(p)
 	for _, s := range list {
 		for _, q := range s.Registries {
-			if q == p {
-				sec.Name, sec.Registries = s.Name, s.Registries
+			if q != p {
+				continue
 			}
+			if s.Kind == secret.ECR {
+				// An ECR secret is exchanged for a fresh token at every
+				// pull: a `docker login` with a token it handed out must
+				// not replace it (the reference ECR helper ignores store
+				// too).
+				return nil
+			}
+			sec.Name, sec.Registries = s.Name, s.Registries
 		}
 	}
 	if _, err := l.store.Put(ctx, sec, v); err != nil {
@@ -146,7 +154,9 @@ func (l *Local) List() (map[string]string, error) {
 	out := map[string]string{}
 	for _, s := range list {
 		user := TokenUsername
-		if s.Kind != secret.Token {
+		if s.Kind == secret.ECR {
+			user = "AWS"
+		} else if s.Kind != secret.Token {
 			_, v, err := l.store.Value(ctx, s.Project, s.Name)
 			if err != nil {
 				return nil, fmt.Errorf("pullsecret: %w", err)

@@ -231,3 +231,29 @@ func FuzzHelperStdin(f *testing.F) {
 		}
 	})
 }
+
+// TestStoreKeepsECR: `docker login` to a registry an ECR secret covers
+// (with a token that secret handed out) leaves the secret as it is, and
+// list names its user AWS.
+func TestStoreKeepsECR(t *testing.T) {
+	t.Parallel()
+	h, s := newLocal(t)
+	ctx := context.Background()
+	host := secret.Pattern("123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+	ecr := secret.Secret{Name: "prod", Kind: secret.ECR, Registries: []secret.Pattern{host}}
+	if _, err := s.Create(ctx, ecr, secret.Value{AWS: &secret.AWSValue{AccessKeyID: "AKIAIOSFODNN7EXAMPLE", SecretAccessKey: canary}}); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := json.Marshal(credentials.Credentials{ServerURL: "https://" + string(host), Username: "AWS", Secret: "short-lived-token"})
+	if _, err := run(t, h, "store", string(b)); err != nil {
+		t.Fatalf("store over an ECR secret: %v", err)
+	}
+	sec, v, err := s.Value(ctx, "", "prod")
+	if err != nil || sec.Kind != secret.ECR || sec.Version != 1 || v.AWS == nil || v.AWS.SecretAccessKey != canary {
+		t.Fatalf("ECR secret changed by store: kind %s version %d err %v", sec.Kind, sec.Version, err)
+	}
+	out, err := run(t, h, "list", "")
+	if err != nil || !strings.Contains(out, `"`+string(host)+`":"AWS"`) {
+		t.Fatalf("list: %s %v", out, err)
+	}
+}
