@@ -205,6 +205,10 @@ func TestE2EECRRemoteAndProxy(t *testing.T) {
 	pull("crane, proxy with the remote-mode helper", func() (clients.Result, error) {
 		return remote.Crane(ctx, "pull", "--insecure", "--format", "oci", proxyRef, filepath.Join(t.TempDir(), "crane-proxy-helper"))
 	})
+	pull("skopeo, proxy with the remote-mode helper", func() (clients.Result, error) {
+		return remote.Skopeo(ctx, "copy", "--authfile", remote.AuthFile(), "--src-tls-verify=false",
+			"docker://"+proxyRef, "dir:"+filepath.Join(t.TempDir(), "skopeo-proxy-helper"))
+	})
 	// A proxy client without the token is turned away.
 	anon := clients.NewEnv(t)
 	r, err := anon.Crane(ctx, "pull", "--insecure", "--format", "oci", proxyRef, filepath.Join(t.TempDir(), "crane-anon"))
