@@ -37,8 +37,10 @@ bench: build
 # A short run of every fuzz target; FUZZTIME=10m for a long one.
 fuzz:
 	@set -e; for spec in \
-		./secret:FuzzParseServerURL ./secret:FuzzPatternMatch ./secret/dockerconfig:FuzzParseDockerConfig \
-		./credhelper:FuzzHelperStdin ./proxy:FuzzParseScopes ; do \
+		./secret:FuzzParseServerURL ./secret:FuzzPatternMatch ./secret:FuzzValidRepo \
+		./secret/dockerconfig:FuzzParseDockerConfig ./credhelper:FuzzHelperStdin \
+		./credhelper/kubelet:FuzzDecodeProviderRequest ./credhelper/kubelet:FuzzMatchImage \
+		./proxy:FuzzParseScopes ./spec:FuzzParse ./cmd/pullsecret:FuzzRun; do \
 		pkg=$${spec%%:*}; fn=$${spec##*:}; \
 		echo "== $$fn ($$pkg)"; \
 		$(GO) test $$pkg -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME); \
