@@ -15,14 +15,11 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -39,84 +36,6 @@ import (
 // e2eCanary is the upstream password: the project's pull secret.
 const e2eCanary = "canary-upstream-pw-e2e-7f31c9a4"
 
-// e2eServe is a running `pullsecret serve`.
-type e2eServe struct {
-	URL  string // http://127.0.0.1:PORT
-	Host string // 127.0.0.1:PORT
-	mu   sync.Mutex
-	log  bytes.Buffer
-}
-
-func (s *e2eServe) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.log.Write(p)
-}
-
-func (s *e2eServe) Logs() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.log.String()
-}
-
-func e2eFreePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// e2eStartServe runs `pullsecret serve --config` on home, stopped by PID at
-// cleanup.
-func e2eStartServe(t *testing.T, bin, home, config string) *e2eServe {
-	t.Helper()
-	s := &e2eServe{Host: fmt.Sprintf("127.0.0.1:%d", e2eFreePort(t))}
-	s.URL = "http://" + s.Host
-	cfg := filepath.Join(t.TempDir(), "serve.yaml")
-	if err := os.WriteFile(cfg, []byte("listen: "+s.Host+"\n"+config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(filepath.Join(bin, "pullsecret"), "serve", "--config", cfg)
-	cmd.Env = []string{"PULLSECRET_HOME=" + home, "HOME=" + t.TempDir(), "PATH=" + os.Getenv("PATH")}
-	cmd.Stdout, cmd.Stderr = s, s
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
-	})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := http.Get(s.URL + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return s
-			}
-		}
-		select {
-		case <-done:
-			t.Fatalf("pullsecret serve exited:\n%s", s.Logs())
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pullsecret serve not ready after 20s:\n%s", s.Logs())
-		}
-	}
-}
-
 // e2eWorld is the upstream, the pullsecret home holding its pull secret,
 // the running server and everything any client printed.
 type e2eWorld struct {
@@ -125,7 +44,7 @@ type e2eWorld struct {
 	home   string
 	reg    *registry.Registry
 	admin  *clients.Env // runs the pullsecret CLI on home
-	srv    *e2eServe
+	srv    *testbin.Server
 	digest string // of up/team/app:v1
 
 	mu     sync.Mutex
@@ -211,7 +130,7 @@ func newE2EWorld(t *testing.T) *e2eWorld {
 	w.admin = w.newEnv(clients.WithEnv("PULLSECRET_HOME=" + w.home))
 	w.pullsecret(e2eCanary+"\n", "secret", "create", "team", "--registry", reg.Addr()+"/team",
 		"--username", "bot", "--password-stdin", "--project", "acme")
-	w.srv = e2eStartServe(t, w.bin, w.home, fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\n", reg.Addr()))
+	w.srv = testbin.Serve(t, w.bin, []string{"PULLSECRET_HOME=" + w.home}, fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\n", reg.Addr()))
 	return w
 }
 

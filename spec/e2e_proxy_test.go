@@ -6,116 +6,31 @@ package spec_test
 // mirror) and containerd (hosts.toml mirror with the token header).
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pullsecret/pullsecret/internal/clients"
+	"github.com/pullsecret/pullsecret/internal/testbin"
 	"github.com/pullsecret/pullsecret/spec"
 )
-
-// serveProc is a running `pullsecret serve`.
-type serveProc struct {
-	URL  string // http://127.0.0.1:PORT
-	Host string // 127.0.0.1:PORT
-	mu   sync.Mutex
-	log  bytes.Buffer
-}
-
-func (s *serveProc) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.log.Write(p)
-}
-
-// Logs is what the server printed.
-func (s *serveProc) Logs() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.log.String()
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
-// StartServe runs `pullsecret serve` on home with the config config (YAML,
-// without listen), stopped by PID at cleanup.
-func StartServe(t *testing.T, bin, home, config string) *serveProc {
-	t.Helper()
-	port := freePort(t)
-	s := &serveProc{Host: fmt.Sprintf("127.0.0.1:%d", port)}
-	s.URL = "http://" + s.Host
-	cfg := filepath.Join(t.TempDir(), "serve.yaml")
-	if err := os.WriteFile(cfg, []byte("listen: "+s.Host+"\n"+config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(filepath.Join(bin, "pullsecret"), "serve", "--config", cfg)
-	cmd.Env = []string{"PULLSECRET_HOME=" + home, "HOME=" + t.TempDir(), "PATH=" + os.Getenv("PATH")}
-	cmd.Stdout, cmd.Stderr = s, s
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
-	})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := http.Get(s.URL + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return s
-			}
-		}
-		select {
-		case <-done:
-			t.Fatalf("pullsecret serve exited:\n%s", s.Logs())
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pullsecret serve not ready after 20s:\n%s", s.Logs())
-		}
-	}
-}
 
 // proxyWorld is an e2eWorld with `pullsecret serve` in front of its
 // registry (alias "upstream") and a project pull token in a file.
 type proxyWorld struct {
 	*e2eWorld
-	srv       *serveProc
+	srv       *testbin.Server
 	tokenFile string
 }
 
 func newProxyWorld(t *testing.T, auth string) *proxyWorld {
 	t.Helper()
 	w := newE2EWorld(t, auth)
-	srv := StartServe(t, w.bin, w.home, fmt.Sprintf("allow_private_upstreams: true\naliases:\n  upstream: %s\n", w.reg.Addr()))
+	srv := testbin.Serve(t, w.bin, []string{"PULLSECRET_HOME=" + w.home}, fmt.Sprintf("allow_private_upstreams: true\naliases:\n  upstream: %s\n", w.reg.Addr()))
 	r := w.pullsecret("", "token", "create", "--project", "acme", "--scope", "pull", "--ttl", "1h", "--name", "e2e")
 	tok := strings.TrimSpace(r.Stdout)
 	if !strings.HasPrefix(tok, "pst_") {

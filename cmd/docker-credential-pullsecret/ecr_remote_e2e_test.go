@@ -7,96 +7,18 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/pullsecret/pullsecret/internal/clients"
+	"github.com/pullsecret/pullsecret/internal/testbin"
 	"github.com/pullsecret/pullsecret/registry"
 )
-
-// remoteServe is a running `pullsecret serve` for the remote-mode and proxy
-// end-to-end test.
-type remoteServe struct {
-	URL  string // http://127.0.0.1:PORT
-	Host string // 127.0.0.1:PORT
-	mu   sync.Mutex
-	log  bytes.Buffer
-}
-
-func (s *remoteServe) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.log.Write(p)
-}
-
-// Logs is what the server printed.
-func (s *remoteServe) Logs() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.log.String()
-}
-
-// startRemoteServe runs `pullsecret serve` with the environment env and the
-// YAML config (without listen); it is stopped by PID at cleanup.
-func startRemoteServe(t *testing.T, bin string, env []string, config string) *remoteServe {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	s := &remoteServe{Host: fmt.Sprintf("127.0.0.1:%d", port)}
-	s.URL = "http://" + s.Host
-	cfg := filepath.Join(t.TempDir(), "serve.yaml")
-	if err := os.WriteFile(cfg, []byte("listen: "+s.Host+"\n"+config), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(filepath.Join(bin, "pullsecret"), "serve", "--config", cfg)
-	cmd.Env = env
-	cmd.Stdout, cmd.Stderr = s, s
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
-	})
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		resp, err := http.Get(s.URL + "/healthz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return s
-			}
-		}
-		select {
-		case <-done:
-			t.Fatalf("pullsecret serve exited:\n%s", s.Logs())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pullsecret serve not ready after 15s:\n%s", s.Logs())
-		}
-	}
-}
 
 // The same pulls as TestE2EECRClients, with the ecr secret held by
 // `pullsecret serve`: crane, skopeo and dockerd through the helper in remote
@@ -164,7 +86,7 @@ func TestE2EECRRemoteAndProxy(t *testing.T) {
 	if !strings.HasPrefix(tok, "pst_") {
 		t.Fatalf("token create printed %q", tok)
 	}
-	srv := startRemoteServe(t, w.bin, w.env,
+	srv := testbin.Serve(t, w.bin, w.env,
 		fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  ecr: %s\n", reg.Addr()))
 	proxyRef := srv.Host + "/ecr/team/app:v1"
 

@@ -11,14 +11,10 @@ import (
 	"crypto/rsa"
 	"encoding/json"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -42,75 +38,6 @@ const (
 	e2eAlphaPW  = "canary-kubelet-alpha-93c1"
 	e2eBetaPW   = "canary-kubelet-beta-2d7e"
 )
-
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
-// startServe runs `pullsecret serve` with config (YAML without listen) and
-// returns its host:port and log.
-func startServe(t *testing.T, bin, home string, config func(host string) string) (string, *logBuf) {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	host := l.Addr().String()
-	l.Close()
-	cfg := filepath.Join(t.TempDir(), "serve.yaml")
-	if err := os.WriteFile(cfg, []byte("listen: "+host+"\n"+config(host)), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	log := &logBuf{}
-	cmd := exec.Command(filepath.Join(bin, "pullsecret"), "serve", "--config", cfg)
-	cmd.Env = []string{"PULLSECRET_HOME=" + home, "HOME=" + t.TempDir(), "PATH=" + os.Getenv("PATH")}
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	t.Cleanup(func() {
-		syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
-		select {
-		case <-done:
-		case <-time.After(15 * time.Second):
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-done
-		}
-	})
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if resp, err := http.Get("http://" + host + "/healthz"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return host, log
-			}
-		}
-		select {
-		case <-done:
-			t.Fatalf("pullsecret serve exited:\n%s", log)
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("pullsecret serve not ready:\n%s", log)
-		}
-	}
-}
 
 func TestE2EKubeletPluginAgainstServe(t *testing.T) {
 	if testing.Short() {
@@ -154,8 +81,8 @@ func TestE2EKubeletPluginAgainstServe(t *testing.T) {
 	if err := os.WriteFile(jwksFile, jwks, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	host, log := startServe(t, bin, home, func(host string) string {
-		return fmt.Sprintf(`allow_private_upstreams: true
+	host := fmt.Sprintf("127.0.0.1:%d", testbin.FreePort(t))
+	srv := testbin.ServeAt(t, bin, host, []string{"PULLSECRET_HOME=" + home}, fmt.Sprintf(`allow_private_upstreams: true
 aliases:
   upstream: %s
 kubelet:
@@ -167,8 +94,7 @@ kubelet:
     - {namespace: team-a, service_account: builder, project: alpha}
     - {namespace: team-b, service_account: "*", project: beta}
   proxy_hosts: [%s]
-`, reg.Addr(), e2eIssuer, e2eAudience, jwksFile, host)
-	})
+`, reg.Addr(), e2eIssuer, e2eAudience, jwksFile, host))
 
 	signer, err := jose.NewSigner(jose.SigningKey{Algorithm: jose.RS256, Key: jose.JSONWebKey{Key: key, KeyID: "k1"}}, (&jose.SignerOptions{}).WithType("JWT"))
 	if err != nil {
@@ -252,7 +178,7 @@ kubelet:
 		t.Errorf("the pull token kubelet got does not pull through the proxy: %v", err)
 	}
 	for _, pw := range []string{e2eAlphaPW, e2eBetaPW} {
-		if strings.Contains(log.String(), pw) {
+		if strings.Contains(srv.Logs(), pw) {
 			t.Errorf("the server log holds a credential")
 		}
 	}
