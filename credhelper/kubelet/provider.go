@@ -10,8 +10,6 @@ package kubelet
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,13 +17,13 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"path"
 	"strings"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/pullsecret/pullsecret/credhelper"
+	"github.com/pullsecret/pullsecret/internal/httpclient"
 	"github.com/pullsecret/pullsecret/secret"
 )
 
@@ -435,33 +433,13 @@ func NewRemoteProviderSource(server, caFile string, timeout time.Duration) (*Rem
 	if timeout <= 0 {
 		timeout = DefaultProviderTimeout
 	}
-	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: timeout / 2}).DialContext,
-		TLSHandshakeTimeout:   timeout / 2,
-		ResponseHeaderTimeout: timeout,
-		ForceAttemptHTTP2:     true,
-	}
-	if caFile != "" {
-		pem, err := os.ReadFile(caFile)
-		if err != nil {
-			return nil, fmt.Errorf("CA file: %w", err)
-		}
-		pool, err := x509.SystemCertPool()
-		if err != nil || pool == nil {
-			pool = x509.NewCertPool()
-		}
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("CA file %s: no PEM certificate", caFile)
-		}
-		tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	client, err := httpclient.ToServer(timeout/2, timeout, caFile)
+	if err != nil {
+		return nil, fmt.Errorf("CA file: %w", err)
 	}
 	return &RemoteProviderSource{
 		Server: strings.TrimRight(u.String(), "/"),
-		Client: &http.Client{Transport: tr, Timeout: timeout, CheckRedirect: func(*http.Request, []*http.Request) error {
-			// The token goes to the configured server only.
-			return http.ErrUseLastResponse
-		}},
+		Client: client,
 	}, nil
 }
 

@@ -13,8 +13,6 @@ package remote
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -28,6 +26,7 @@ import (
 	"time"
 
 	"github.com/docker/docker-credential-helpers/credentials"
+	"github.com/pullsecret/pullsecret/internal/httpclient"
 	"github.com/pullsecret/pullsecret/secret"
 )
 
@@ -163,31 +162,10 @@ func New(server, tok string, opts ...Option) (*Helper, error) {
 	}
 	client := cfg.client
 	if client == nil {
-		tr := &http.Transport{
-			Proxy:                 http.ProxyFromEnvironment,
-			DialContext:           (&net.Dialer{Timeout: remoteDialTimeout}).DialContext,
-			TLSHandshakeTimeout:   remoteDialTimeout,
-			ResponseHeaderTimeout: cfg.timeout,
-			ForceAttemptHTTP2:     true,
+		var err error
+		if client, err = httpclient.ToServer(remoteDialTimeout, cfg.timeout, cfg.caFile); err != nil {
+			return nil, fmt.Errorf("%s: %w", EnvCAFile, err)
 		}
-		if cfg.caFile != "" {
-			pem, err := os.ReadFile(cfg.caFile)
-			if err != nil {
-				return nil, fmt.Errorf("%s: %w", EnvCAFile, err)
-			}
-			pool, err := x509.SystemCertPool()
-			if err != nil || pool == nil {
-				pool = x509.NewCertPool()
-			}
-			if !pool.AppendCertsFromPEM(pem) {
-				return nil, fmt.Errorf("%s: no PEM certificate in %s", EnvCAFile, cfg.caFile)
-			}
-			tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
-		}
-		client = &http.Client{Transport: tr, Timeout: cfg.timeout, CheckRedirect: func(*http.Request, []*http.Request) error {
-			// The token goes to the configured server only.
-			return http.ErrUseLastResponse
-		}}
 	}
 	return &Helper{
 		server:   base.String(),
