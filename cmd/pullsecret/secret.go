@@ -109,6 +109,23 @@ Flags:
 ` + commonFlagsUsage
 
 // oneName checks that exactly one positional argument, NAME, was given.
+// secretStore checks the project and the secret name of a command on one
+// secret, then opens the store: nothing is created for a bad name.
+func (c *cli) secretStore(co *common, name string) (*secret.Store, string, error) {
+	project, err := c.projectName(co)
+	if err != nil {
+		return nil, "", err
+	}
+	if err := validSecretName(name); err != nil {
+		return nil, "", err
+	}
+	store, err := c.openStore(co)
+	if err != nil {
+		return nil, "", err
+	}
+	return store, project, nil
+}
+
 func oneName(pos []string, usage string) (string, error) {
 	switch len(pos) {
 	case 0:
@@ -519,14 +536,7 @@ func (c *cli) secretShow(args []string) error {
 	if err := checkOutput(*out, showUsage, "text", "json"); err != nil {
 		return err
 	}
-	project, err := c.projectName(co)
-	if err != nil {
-		return err
-	}
-	if err := validSecretName(name); err != nil {
-		return err
-	}
-	store, err := c.openStore(co)
+	store, project, err := c.secretStore(co, name)
 	if err != nil {
 		return err
 	}
@@ -566,17 +576,10 @@ func (c *cli) secretRotate(args []string) error {
 	if err != nil {
 		return err
 	}
-	project, err := c.projectName(co)
-	if err != nil {
-		return err
-	}
-	if err := validSecretName(name); err != nil {
-		return err
-	}
 	if err := validUsername(vf.username); err != nil {
 		return err
 	}
-	store, err := c.openStore(co)
+	store, project, err := c.secretStore(co, name)
 	if err != nil {
 		return err
 	}
@@ -614,14 +617,7 @@ func (c *cli) secretDelete(args []string) error {
 	if err != nil {
 		return err
 	}
-	project, err := c.projectName(co)
-	if err != nil {
-		return err
-	}
-	if err := validSecretName(name); err != nil {
-		return err
-	}
-	store, err := c.openStore(co)
+	store, project, err := c.secretStore(co, name)
 	if err != nil {
 		return err
 	}
