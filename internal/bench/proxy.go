@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"syscall"
 	"time"
 
 	"github.com/pullsecret/pullsecret/proxy"
@@ -154,14 +155,17 @@ func (b *bench) proxyBench(ctx context.Context) error {
 	}
 
 	tput := map[string][]float64{} // MiB/s
+	cpu := map[string][]float64{}  // CPU seconds (all threads) per GiB
 	for round := range proxyBlobRounds {
 		for i := range names {
 			n := names[(i+round)%len(names)] // rotate who goes first
+			before := cpuTime()
 			size, d, err := get(n, blobPath)
 			if err != nil {
 				return err
 			}
 			tput[n] = append(tput[n], float64(size)/(1<<20)/d.Seconds())
+			cpu[n] = append(cpu[n], (cpuTime()-before).Seconds()/(float64(size)/(1<<30)))
 		}
 	}
 	lat := map[string][]time.Duration{}
@@ -184,8 +188,8 @@ func (b *bench) proxyBench(ctx context.Context) error {
 	for _, n := range names {
 		t := median(tput[n])
 		p50, p95 := pct(lat[n], 50), pct(lat[n], 95)
-		fmt.Printf("%-20s blob %8.0f MiB/s (min %6.0f, max %6.0f)   manifest p50 %8s  p95 %8s\n",
-			n, t, slices.Min(tput[n]), slices.Max(tput[n]), ms(p50), ms(p95))
+		fmt.Printf("%-20s blob %8.0f MiB/s (min %6.0f, max %6.0f)  CPU %5.2f s/GiB   manifest p50 %8s  p95 %8s\n",
+			n, t, slices.Min(tput[n]), slices.Max(tput[n]), median(cpu[n]), ms(p50), ms(p95))
 	}
 	for _, n := range names[1:] {
 		t := median(tput[n])
@@ -193,7 +197,23 @@ func (b *bench) proxyBench(ctx context.Context) error {
 		fmt.Printf("%-20s throughput %5.2fx direct (target >= 0.90x)   manifest p50 overhead %8s (target <= 2ms)  p95 overhead %8s\n",
 			n, t/dT, ms(p50-d50), ms(pct(lat[n], 95)-d95))
 	}
+	// Client, upstream and proxy share this process and its cores: the
+	// CPU figures say what the proxy adds per GiB, whatever the core count.
+	dC := median(cpu["direct"])
+	for _, n := range names[1:] {
+		fmt.Printf("%-20s CPU per GiB %5.2fx direct (client+upstream %.2f s/GiB, proxy adds %.2f s/GiB)\n",
+			n, median(cpu[n])/dC, dC, median(cpu[n])-dC)
+	}
 	return nil
+}
+
+// cpuTime is the CPU time this process has used, user and system.
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 func median(v []float64) float64 {
