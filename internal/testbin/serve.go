@@ -20,6 +20,8 @@ type Server struct {
 	Host string // 127.0.0.1:PORT
 	mu   sync.Mutex
 	log  bytes.Buffer
+	pid  int
+	done chan struct{} // closed once the process has exited
 }
 
 // Write collects the server's stdout and stderr.
@@ -61,8 +63,14 @@ func ServeAt(t testing.TB, bin, host string, env []string, config string) *Serve
 		t.Fatal(err)
 	}
 	done := make(chan struct{})
+	s.pid, s.done = cmd.Process.Pid, done
 	go func() { cmd.Wait(); close(done) }()
 	t.Cleanup(func() {
+		select {
+		case <-done:
+			return // gone already (Kill): its pid may be someone else's now
+		default:
+		}
 		syscall.Kill(cmd.Process.Pid, syscall.SIGTERM)
 		select {
 		case <-done:
@@ -88,6 +96,26 @@ func ServeAt(t testing.TB, bin, host string, env []string, config string) *Serve
 		if time.Now().After(deadline) {
 			t.Fatalf("pullsecret serve not ready after 20s:\n%s", s.Logs())
 		}
+	}
+}
+
+// Kill ends the server with SIGKILL, as the OOM killer or a crash would:
+// no graceful shutdown, no cleanup of its own. It returns once the process
+// has exited, so its port and files are free for a restart.
+func (s *Server) Kill(t testing.TB) {
+	t.Helper()
+	select {
+	case <-s.done:
+		t.Fatalf("pullsecret serve (pid %d) had exited before Kill:\n%s", s.pid, s.Logs())
+	default:
+	}
+	if err := syscall.Kill(s.pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill pullsecret serve (pid %d): %v", s.pid, err)
+	}
+	select {
+	case <-s.done:
+	case <-time.After(15 * time.Second):
+		t.Fatalf("pullsecret serve (pid %d) still running 15s after SIGKILL", s.pid)
 	}
 }
 
