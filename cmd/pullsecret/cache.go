@@ -18,10 +18,11 @@ import (
 
 func cacheCommand() *command {
 	return &command{
-		summary: "Inspect and trim the proxy's content cache",
+		summary: "Inspect, trim and warm the proxy's content cache",
 		sub: map[string]*command{
 			"gc":    {summary: "Delete least recently used cache entries", usage: cacheGCUsage, run: (*cli).cacheGC},
 			"stats": {summary: "Count the cache's blobs, manifests and tags", usage: cacheStatsUsage, run: (*cli).cacheStats},
+			"warm":  {summary: "Pre-fetch images into the cache through the proxy", usage: cacheWarmUsage, run: (*cli).cacheWarm},
 		},
 	}
 }
