@@ -21,9 +21,10 @@ func main() {
 	bin := flag.String("bin", "bin", "folder with the built binaries")
 	runs := flag.Int("runs", 300, "runs per measured command")
 	only := flag.String("only", "", "run only benchmarks whose name contains this")
+	cacheProfile := flag.String("cache-cpuprofile", "", "write a CPU profile of the cache benchmark (labels phase, side) to this file")
 	flag.Parse()
 	ctx := context.Background()
-	b := &bench{bin: *bin, runs: *runs}
+	b := &bench{bin: *bin, runs: *runs, cacheProfile: *cacheProfile}
 	for _, s := range []struct {
 		name string
 		fn   func(context.Context) error
@@ -31,6 +32,7 @@ func main() {
 		{"helper-get", b.helperGet},
 		{"helper-ecr", b.helperECR},
 		{"proxy", b.proxyBench},
+		{"cache", b.cacheBench},
 	} {
 		if *only != "" && !strings.Contains(s.name, *only) {
 			continue
@@ -46,6 +48,9 @@ func main() {
 type bench struct {
 	bin  string
 	runs int
+	// cacheProfile, when set, is where the cache benchmark writes a CPU
+	// profile (goroutines labelled by phase and side).
+	cacheProfile string
 }
 
 // helperGet times `docker-credential-pullsecret get` as a whole process
