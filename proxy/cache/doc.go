@@ -32,13 +32,18 @@
 //
 // A verified spool becomes a cache entry atomically: with OpenFilesystem
 // the spool lives under the driver's root and is fsynced and renamed into
-// place (driver.Move); with another driver it is written to
-// /_uploads/<instance>/<random>/data (driver.Writer, Commit) and moved
-// into place. Readers only ever read final paths. A process killed at any
-// point leaves at most a spool file and an upload directory, which no reader
-// looks at; the next Open removes them: each instance holds an flock on
-// its spool directory, so a directory whose lock is free belonged to a dead
-// process (uploads of unknown instances go after WithUploadGrace).
+// place (driver.Move); on s3-aws it is uploaded to the final path as a
+// multipart upload, which is no object until Commit completes it whole;
+// with another driver it is written to /_uploads/<instance>/<random>/data
+// (driver.Writer, Commit) and moved into place. The bytes uploaded are
+// hashed again and must match the digest before Commit. Readers only ever
+// read final paths. A process killed at any point leaves at most a spool
+// file and an upload directory (on s3-aws: an incomplete multipart upload),
+// which no reader looks at; the next Open removes them: each instance holds
+// an flock on its spool directory, so a directory whose lock is free
+// belonged to a dead process (uploads of unknown instances go after
+// WithUploadGrace). Incomplete multipart uploads are the bucket's
+// lifecycle rule's to abort.
 //
 // # Locations and tenant isolation
 //
@@ -88,8 +93,8 @@
 // the commit time, an "accessed" sidecar written at most once per
 // WithAccessResolution, and this process's in-memory record), never one a
 // fill or reader of this process uses, never one referenced by a manifest
-// that stays; a deletion moves the data out of its final path before
-// deleting it.
+// that stays; a deletion takes the data off its final path (a move, or
+// on s3-aws the deletion of that one object) before deleting the rest.
 //
 // # Storage layout
 //

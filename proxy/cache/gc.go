@@ -125,8 +125,9 @@ var errInUse = errors.New("in use")
 // GC applies a retention policy: least recently used first, never an entry
 // that a fill or an open reader of this process uses, never a blob or
 // manifest referenced by a manifest that stays (an image stays whole).
-// Deleting is crash-safe: the data is first moved out of its final path
-// (into /_trash), then deleted; readers only read final paths. Tag
+// Deleting is crash-safe: the data first leaves its final path (moved
+// into /_trash, or on s3-aws deleted, one object at once), then the rest
+// of the entry goes; readers only read final paths. Tag
 // entries and location links of what was deleted go too, as do leftovers
 // of an interrupted deletion.
 //
@@ -259,15 +260,11 @@ func (c *Cache) deleteEntry(ctx context.Context, k key) error {
 		close(ch)
 		c.mu.Unlock()
 	}()
-	trash := trashDir + "/" + randomID()
-	if err := c.drv.Move(ctx, dataPath(k), trash+"/"+dataName); err != nil {
+	if err := c.removeData(ctx, k); err != nil {
 		if isNotFound(err) {
 			return nil // gone already (another GC)
 		}
 		return fmt.Errorf("cache: delete %s %s: %w", k.kind, k.d, err)
-	}
-	if err := c.drv.Delete(ctx, trash); err != nil && !isNotFound(err) {
-		c.log.Warn("cache: empty trash", "err", err)
 	}
 	if err := c.drv.Delete(ctx, entryDir(k)); err != nil && !isNotFound(err) {
 		c.log.Warn("cache: delete entry", "digest", k.d, "err", err)

@@ -265,13 +265,13 @@ func (c *Cache) PutManifest(ctx context.Context, content []byte, mediaType strin
 	return desc, nil
 }
 
-// storeManifest writes meta (first) then data (upload, commit, move).
+// storeManifest writes meta (first) then data (commitFile).
 func (c *Cache) storeManifest(ctx context.Context, k key, content []byte, mediaType string) error {
 	meta, _ := json.Marshal(manifestMeta{MediaType: mediaType, Size: int64(len(content))})
 	if err := c.drv.PutContent(ctx, entryDir(k)+"/"+metaName, meta); err != nil {
 		return err
 	}
-	return c.commitFile(ctx, k, bytes.NewReader(content))
+	return c.commitFile(ctx, k, bytes.NewReader(content), int64(len(content)))
 }
 
 // readManifest reads a committed manifest and verifies it.

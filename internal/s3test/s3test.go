@@ -1,0 +1,299 @@
+// Package s3test runs a real S3-compatible server for tests: versitygw
+// (Apache-2.0) with its posix backend, as a process on a free loopback
+// port, its objects in a temporary folder.
+//
+// Start skips the test when versitygw is not installed, and fails it
+// instead when CI or PULLSECRET_REQUIRE_CLIENTS is set (the policy of
+// internal/clients.Require): CI installs it (.ci/install-clients.sh).
+//
+//	srv := s3test.Start(t)
+//	drv, err := factory.Create(ctx, "s3aws", srv.Parameters())
+//
+// The package is for tests only.
+package s3test
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Version is the versitygw release the tests are written against.
+const Version = "v1.8.0"
+
+// InstallHint says how to install versitygw.
+const InstallHint = "go install github.com/versity/versitygw/cmd/versitygw@" + Version
+
+// Server is a running versitygw.
+type Server struct {
+	// Endpoint is the S3 endpoint URL: http://127.0.0.1:PORT.
+	Endpoint string
+	// Region is the server's region (us-east-1).
+	Region string
+	// AccessKey and SecretKey are the root account's keys.
+	AccessKey, SecretKey string
+	// Bucket exists, empty, when Start returns.
+	Bucket string
+	// Dir is the posix backend's top folder: Dir/<bucket>/<key> is an
+	// object's file.
+	Dir string
+
+	out  *logBuffer
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// Option configures Start.
+type Option func(*options)
+
+type options struct {
+	access, secret, bucket string
+}
+
+// WithKeys sets the root account's access key and secret key (a canary
+// secret, say). The defaults are fixed test values.
+func WithKeys(access, secret string) Option {
+	return func(o *options) { o.access, o.secret = access, secret }
+}
+
+// WithBucket names the bucket Start creates (default "pullsecret").
+func WithBucket(name string) Option { return func(o *options) { o.bucket = name } }
+
+// mustNotSkip: CI installs versitygw, so there a missing binary is a
+// failure, not a skip (as in internal/clients).
+func mustNotSkip() bool {
+	for _, k := range []string{"PULLSECRET_REQUIRE_CLIENTS", "CI"} {
+		if v := os.Getenv(k); v != "" && v != "0" && v != "false" {
+			return true
+		}
+	}
+	return false
+}
+
+// LookPath finds versitygw in PATH, then where go install puts it:
+// $GOBIN, $GOPATH/bin, ~/go/bin.
+func LookPath() (string, error) {
+	if p, err := exec.LookPath("versitygw"); err == nil {
+		return filepath.Abs(p)
+	}
+	var dirs []string
+	if d := os.Getenv("GOBIN"); d != "" {
+		dirs = append(dirs, d)
+	}
+	for _, gp := range filepath.SplitList(os.Getenv("GOPATH")) {
+		if gp != "" {
+			dirs = append(dirs, filepath.Join(gp, "bin"))
+		}
+	}
+	if h, err := os.UserHomeDir(); err == nil {
+		dirs = append(dirs, filepath.Join(h, "go", "bin"))
+	}
+	for _, d := range dirs {
+		p := filepath.Join(d, "versitygw")
+		if fi, err := os.Stat(p); err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("versitygw not found in PATH, $GOBIN, $GOPATH/bin or ~/go/bin (%s): %w", InstallHint, exec.ErrNotFound)
+}
+
+// Require skips the test unless versitygw is installed; under CI it fails
+// it instead. It returns the binary's path.
+func Require(t testing.TB) string {
+	t.Helper()
+	p, err := LookPath()
+	if err == nil {
+		return p
+	}
+	msg := "s3test: " + err.Error() + "; or run .ci/install-clients.sh"
+	if mustNotSkip() {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+	return ""
+}
+
+// Start starts versitygw on a free loopback port with one empty bucket and
+// waits until it answers. It is stopped, by its PID, at cleanup.
+func Start(t testing.TB, opts ...Option) *Server {
+	t.Helper()
+	bin := Require(t)
+	// With AWS_CA_BUNDLE set, aws-sdk-go v1 installs a transport of its own
+	// in http.DefaultClient each time a session (a driver) is made: a data
+	// race between parallel tests, and no use with a plain-HTTP endpoint.
+	// (os.Unsetenv, not t.Setenv: tests calling Start run in parallel.)
+	_ = os.Unsetenv("AWS_CA_BUNDLE")
+	o := options{access: "s3test-access", secret: "s3test-secret-key", bucket: "pullsecret"}
+	for _, opt := range opts {
+		opt(&o)
+	}
+	dir := t.TempDir()
+	// The posix backend takes every folder of its top folder for a bucket.
+	if err := os.Mkdir(filepath.Join(dir, o.bucket), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	s := &Server{
+		Region:    "us-east-1",
+		AccessKey: o.access,
+		SecretKey: o.secret,
+		Bucket:    o.bucket,
+		Dir:       dir,
+		out:       &logBuffer{},
+		done:      make(chan struct{}),
+	}
+	var err error
+	for attempt := 0; ; attempt++ {
+		if err = s.start(t, bin); err == nil {
+			return s
+		}
+		// A port taken between FreePort and the listen: try another.
+		if attempt == 2 || !strings.Contains(s.out.String(), "address already in use") {
+			t.Fatalf("s3test: %v\n%s", err, s.out.String())
+		}
+		s.out = &logBuffer{}
+		s.done = make(chan struct{})
+	}
+}
+
+func (s *Server) start(t testing.TB, bin string) error {
+	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	s.Endpoint = "http://" + addr
+	// The keys go through the environment, not the command line that ps
+	// shows. --quiet: no line per request.
+	cmd := exec.Command(bin, "--port", addr, "--quiet", "posix", s.Dir)
+	cmd.Env = []string{
+		"PATH=" + os.Getenv("PATH"),
+		"HOME=" + t.TempDir(),
+		"ROOT_ACCESS_KEY_ID=" + s.AccessKey,
+		"ROOT_SECRET_ACCESS_KEY=" + s.SecretKey,
+	}
+	cmd.Stdout, cmd.Stderr = s.out, s.out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start versitygw: %w", err)
+	}
+	s.cmd = cmd
+	done := s.done
+	go func() { _ = cmd.Wait(); close(done) }()
+	t.Cleanup(func() { s.stop() })
+
+	deadline := time.Now().Add(30 * time.Second)
+	client := &http.Client{Timeout: time.Second}
+	for {
+		// Any HTTP answer (403 to an unsigned request) means it serves.
+		resp, err := client.Get(s.Endpoint + "/")
+		if err == nil {
+			_ = resp.Body.Close()
+			return nil
+		}
+		select {
+		case <-done:
+			return errors.New("versitygw exited")
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			s.stop()
+			return errors.New("versitygw not answering after 30s")
+		}
+	}
+}
+
+// Stop ends the server before the test does (an object store outage);
+// cleanup does it otherwise.
+func (s *Server) Stop() { s.stop() }
+
+// stop ends the server: SIGTERM, then SIGKILL of its process group.
+func (s *Server) stop() {
+	select {
+	case <-s.done:
+		return // exited: its pid may be someone else's now
+	default:
+	}
+	_ = syscall.Kill(s.cmd.Process.Pid, syscall.SIGTERM)
+	select {
+	case <-s.done:
+	case <-time.After(10 * time.Second):
+		_ = syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+		<-s.done
+	}
+}
+
+// Logs is what versitygw printed.
+func (s *Server) Logs() string { return s.out.String() }
+
+// Parameters are the s3-aws storage driver's parameters for the bucket
+// (distribution's names, for factory.Create).
+func (s *Server) Parameters() map[string]any {
+	return map[string]any{
+		"bucket":         s.Bucket,
+		"region":         s.Region,
+		"regionendpoint": s.Endpoint,
+		"forcepathstyle": true,
+		"accesskey":      s.AccessKey,
+		"secretkey":      s.SecretKey,
+	}
+}
+
+// Files lists the files of the bucket's folder on disk (slash-separated,
+// relative to it), the backend's own bookkeeping folders (those whose name
+// starts with a dot, where incomplete multipart uploads live) excluded:
+// what an S3 listing can show.
+func (s *Server) Files(t testing.TB) []string {
+	t.Helper()
+	root := filepath.Join(s.Dir, s.Bucket)
+	var out []string
+	err := filepath.WalkDir(root, func(p string, de os.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if de.IsDir() && p != root && strings.HasPrefix(de.Name(), ".") {
+			return filepath.SkipDir
+		}
+		if !de.IsDir() {
+			rel, _ := filepath.Rel(root, p)
+			out = append(out, filepath.ToSlash(rel))
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("s3test: list %s: %v", root, err)
+	}
+	return out
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+type logBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
