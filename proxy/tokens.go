@@ -135,7 +135,8 @@ type TokenRecord struct {
 // file in the data folder; a database can implement the same four methods.
 // A backend never sees a token, only its hash.
 type TokenBackend interface {
-	// Insert adds a record whose id is new.
+	// Insert adds a record whose id is new, or fails with an error
+	// wrapping ErrTokenIDTaken.
 	Insert(ctx context.Context, rec TokenRecord) error
 	// Get returns the record with id, or an error wrapping
 	// ErrTokenNotFound. A revocation made by any process must be seen by
@@ -246,7 +247,7 @@ func (s *TokenStore) Create(ctx context.Context, spec TokenSpec) (string, TokenI
 		info.ID = id
 		sum := sha256.Sum256([]byte(tok))
 		err = s.backend.Insert(ctx, TokenRecord{TokenInfo: info, Hash: sum[:]})
-		if errors.Is(err, errTokenIDTaken) {
+		if errors.Is(err, ErrTokenIDTaken) {
 			continue // 64 random bits: practically never
 		}
 		if err != nil {
@@ -585,8 +586,9 @@ func (s *TokenStore) Revoke(ctx context.Context, id string) (TokenInfo, error) {
 // Now is the store's clock.
 func (s *TokenStore) Now() time.Time { return s.now() }
 
-// errTokenIDTaken makes Create pick another id.
-var errTokenIDTaken = errors.New("token id taken")
+// ErrTokenIDTaken is what TokenBackend.Insert returns (wrapped or not) for
+// an id already stored: Create then picks another id.
+var ErrTokenIDTaken = errors.New("token id taken")
 
 // FileTokenBackend keeps token records in tokens.json in the data folder:
 // mode 0600, replaced atomically on every write, writers serialised by a
@@ -732,7 +734,7 @@ func findToken(d *tokenDoc, id string) int {
 func (b *FileTokenBackend) Insert(_ context.Context, rec TokenRecord) error {
 	return b.update(func(d *tokenDoc) error {
 		if findToken(d, rec.ID) >= 0 {
-			return errTokenIDTaken
+			return ErrTokenIDTaken
 		}
 		d.Tokens = append(d.Tokens, rec)
 		return nil
@@ -751,6 +753,7 @@ func (b *FileTokenBackend) Get(_ context.Context, id string) (TokenRecord, error
 	}
 	r := d.Tokens[i]
 	r.TokenInfo = r.TokenInfo.clone()
+	r.Hash = slices.Clone(r.Hash) // the document is shared by every reader
 	return r, nil
 }
 

@@ -1,13 +1,12 @@
 package secret
 
 import (
-	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -23,13 +22,13 @@ const (
 
 const storeFormat = 1
 
-// Store is the sealed store of pull secrets in one folder. Readers never
-// lock: every write replaces the file atomically. Writers serialise on a
-// file lock, so several processes may write at once without losing an
-// update.
+// Store is the sealed store of pull secrets: records sealed with the keyring
+// of a key file, kept by a Backend (by default FileBackend, the file
+// secrets.json in the data folder).
 type Store struct {
 	home      string
 	keyPath   string
+	backend   Backend
 	now       func() time.Time
 	providers map[Kind]Provider
 }
@@ -67,6 +66,9 @@ func Open(home string, opts ...Option) (*Store, error) {
 	for _, o := range opts {
 		o(s)
 	}
+	if s.backend == nil {
+		s.backend = NewFileBackend(home)
+	}
 	if err := ensureDir(home); err != nil {
 		return nil, fmt.Errorf("open store: %w", err)
 	}
@@ -76,20 +78,13 @@ func Open(home string, opts ...Option) (*Store, error) {
 // Home is the store's folder.
 func (s *Store) Home() string { return s.home }
 
-// Path is the store file.
-func (s *Store) Path() string { return filepath.Join(s.home, storeFile) }
-
-// record is a secret as it is stored: metadata in the clear, value sealed.
-// The sealed part stays raw until a record is opened, since a lookup reads
-// every record but opens one.
-type record struct {
-	Secret
-	Sealed json.RawMessage `json:"sealed"`
-}
-
-type document struct {
-	Format  int      `json:"format"`
-	Secrets []record `json:"secrets"`
+// Path is where the records are: the store file, or the description of
+// another backend (WithBackend).
+func (s *Store) Path() string {
+	if f, ok := s.backend.(*FileBackend); ok {
+		return f.Path()
+	}
+	return s.backend.String()
 }
 
 // aad binds a sealed value to what decides where it is sent: its project,
@@ -98,71 +93,6 @@ type document struct {
 func aad(s Secret) []byte {
 	b, _ := json.Marshal([]any{"pullsecret/v1", s.Project, s.Name, s.Kind, s.Registries})
 	return b
-}
-
-func (s *Store) load() (*document, error) {
-	b, err := os.ReadFile(s.Path())
-	if errors.Is(err, fs.ErrNotExist) {
-		return &document{Format: storeFormat}, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read store: %w", err)
-	}
-	return s.parse(b)
-}
-
-func (s *Store) parse(b []byte) (*document, error) {
-	var d document
-	if err := json.Unmarshal(b, &d); err != nil {
-		return nil, fmt.Errorf("store file %s is damaged (%v); it was left as it is", s.Path(), err)
-	}
-	if d.Format != storeFormat {
-		return nil, fmt.Errorf("store file %s: format %d, this version reads %d", s.Path(), d.Format, storeFormat)
-	}
-	return &d, nil
-}
-
-const (
-	docHeader  = `{"format":1,"secrets":[`
-	docTrailer = `]}`
-)
-
-// loadHost is load for a lookup of one registry host: in a file of the
-// shape save writes (one record a line), it decodes only the lines that
-// name the host, since a record that does not cannot match it. A lookup
-// happens on every pull, in a fresh helper process, and decoding every
-// record was most of its work. Any other shape is decoded whole.
-func (s *Store) loadHost(host string) (*document, error) {
-	b, err := os.ReadFile(s.Path())
-	if errors.Is(err, fs.ErrNotExist) {
-		return &document{Format: storeFormat}, nil
-	}
-	if err != nil {
-		return nil, fmt.Errorf("read store: %w", err)
-	}
-	lines := bytes.Split(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
-	n := len(lines)
-	if n < 2 || string(lines[0]) != docHeader || string(lines[n-1]) != docTrailer {
-		return s.parse(b)
-	}
-	d := &document{Format: storeFormat}
-	for i, l := range lines[1 : n-1] {
-		if i < n-3 {
-			l = bytes.TrimSuffix(l, []byte(","))
-		}
-		if len(l) < 2 || l[0] != '{' || l[len(l)-1] != '}' {
-			return s.parse(b) // not the shape save writes: let the full decoder judge it
-		}
-		if !bytes.Contains(l, []byte(host)) {
-			continue
-		}
-		var r record
-		if err := json.Unmarshal(l, &r); err != nil {
-			return nil, fmt.Errorf("store file %s is damaged (line %d: %v); it was left as it is", s.Path(), i+2, err)
-		}
-		d.Secrets = append(d.Secrets, r)
-	}
-	return d, nil
 }
 
 func (s *Store) keyring(create bool) (*Keyring, error) {
@@ -189,65 +119,27 @@ func (s *Store) keyring(create bool) (*Keyring, error) {
 	return k, nil
 }
 
-// update runs fn on the current document under the writers' lock and saves
-// what it leaves.
-func (s *Store) update(fn func(d *document, k *Keyring) error) error {
-	unlock, err := lockFile(filepath.Join(s.home, lockName))
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	// Only a lock holder writes temporary files, so any found now were left
-	// by a writer that died.
-	s.removeStaleTemps()
-	d, err := s.load()
-	if err != nil {
-		return err
-	}
-	k, err := s.keyring(true)
-	if err != nil {
-		return err
-	}
-	if err := fn(d, k); err != nil {
-		return err
-	}
-	return s.save(d)
-}
-
-func (s *Store) removeStaleTemps() {
-	for _, base := range []string{filepath.Join(s.home, storeFile), s.keyPath} {
-		matches, _ := filepath.Glob(filepath.Join(filepath.Dir(base), "."+filepath.Base(base)+".tmp-*"))
-		for _, m := range matches {
-			os.Remove(m)
-		}
-	}
-}
-
-func (s *Store) save(d *document) error {
-	slices.SortFunc(d.Secrets, func(a, b record) int {
-		return strings.Compare(a.Project+"/"+a.Name, b.Project+"/"+b.Name)
-	})
-	// One record a line: compact enough that a lookup, which parses the
-	// whole file, stays cheap, and still readable in a diff.
-	var buf bytes.Buffer
-	buf.WriteString(docHeader)
-	for i, r := range d.Secrets {
-		b, err := json.Marshal(r)
+// update runs fn, under the backend's writers' lock, on the current records
+// and the keyring (created on the first write), and stores what it leaves.
+func (s *Store) update(ctx context.Context, fn func(d *document, k *Keyring) error) error {
+	return s.backend.Update(ctx, func(recs []Record) ([]Record, error) {
+		// Only a writer holding the lock writes the key file, so temporary
+		// key files found now were left by a writer that died.
+		removeTemps(s.keyPath)
+		k, err := s.keyring(true)
 		if err != nil {
-			return err
+			return nil, err
 		}
-		if i > 0 {
-			buf.WriteByte(',')
+		d := &document{Format: storeFormat, Secrets: recs}
+		if err := fn(d, k); err != nil {
+			return nil, err
 		}
-		buf.WriteString("\n")
-		buf.Write(b)
-	}
-	buf.WriteString("\n" + docTrailer + "\n")
-	return writeFileAtomic(s.Path(), buf.Bytes())
+		return d.Secrets, nil
+	})
 }
 
-func find(d *document, project, name string) int {
-	return slices.IndexFunc(d.Secrets, func(r record) bool { return r.Project == project && r.Name == name })
+func find(recs []Record, project, name string) int {
+	return slices.IndexFunc(recs, func(r Record) bool { return r.Project == project && r.Name == name })
 }
 
 // conflict reports a secret in the same project that already claims one of
@@ -266,26 +158,26 @@ func conflict(d *document, sec Secret) error {
 	return nil
 }
 
-func (s *Store) seal(k *Keyring, sec Secret, v Value) (record, error) {
+func (s *Store) seal(k *Keyring, sec Secret, v Value) (Record, error) {
 	sealed, err := k.SealJSON(v, aad(sec))
 	if err != nil {
-		return record{}, fmt.Errorf("seal %s/%s: %w", sec.Project, sec.Name, err)
+		return Record{}, fmt.Errorf("seal %s/%s: %w", sec.Project, sec.Name, err)
 	}
 	raw, err := json.Marshal(sealed)
 	if err != nil {
-		return record{}, err
+		return Record{}, err
 	}
-	return record{Secret: sec, Sealed: raw}, nil
+	return Record{Secret: sec, Sealed: raw}, nil
 }
 
-func (s *Store) open(k *Keyring, r record) (Value, error) {
+func (s *Store) open(k *Keyring, r Record) (Value, error) {
 	var sealed Sealed
 	if err := json.Unmarshal(r.Sealed, &sealed); err != nil {
-		return Value{}, fmt.Errorf("store file %s: secret %s/%s: sealed value is damaged", s.Path(), r.Project, r.Name)
+		return Value{}, fmt.Errorf("%s: secret %s/%s: sealed value is damaged", s.backend, r.Project, r.Name)
 	}
 	var v Value
 	if err := k.OpenJSON(sealed, aad(r.Secret), &v); err != nil {
-		return Value{}, fmt.Errorf("store file %s: secret %s/%s: %w", s.Path(), r.Project, r.Name, err)
+		return Value{}, fmt.Errorf("%s: secret %s/%s: %w", s.backend, r.Project, r.Name, err)
 	}
 	return v, nil
 }
@@ -307,18 +199,18 @@ func (s *Store) Put(ctx context.Context, sec Secret, v Value) (Secret, error) {
 	return s.put(ctx, sec, v, true)
 }
 
-func (s *Store) put(_ context.Context, sec Secret, v Value, replace bool) (Secret, error) {
+func (s *Store) put(ctx context.Context, sec Secret, v Value, replace bool) (Secret, error) {
 	defaults(&sec)
 	if err := Validate(sec, v); err != nil {
 		return Secret{}, err
 	}
 	var out Secret
-	err := s.update(func(d *document, k *Keyring) error {
+	err := s.update(ctx, func(d *document, k *Keyring) error {
 		if err := conflict(d, sec); err != nil {
 			return err
 		}
 		now := s.now().UTC()
-		i := find(d, sec.Project, sec.Name)
+		i := find(d.Secrets, sec.Project, sec.Name)
 		if i >= 0 && !replace {
 			return fmt.Errorf("secret %s in project %s: %w", sec.Name, sec.Project, ErrExists)
 		}
@@ -343,13 +235,13 @@ func (s *Store) put(_ context.Context, sec Secret, v Value, replace bool) (Secre
 }
 
 // Rotate replaces a secret's value, keeping its kind and registries.
-func (s *Store) Rotate(_ context.Context, project, name string, v Value) (Secret, error) {
+func (s *Store) Rotate(ctx context.Context, project, name string, v Value) (Secret, error) {
 	if project == "" {
 		project = DefaultProject
 	}
 	var out Secret
-	err := s.update(func(d *document, k *Keyring) error {
-		i := find(d, project, name)
+	err := s.update(ctx, func(d *document, k *Keyring) error {
+		i := find(d.Secrets, project, name)
 		if i < 0 {
 			return fmt.Errorf("secret %s in project %s: %w", name, project, ErrNotFound)
 		}
@@ -378,12 +270,12 @@ func (s *Store) Rotate(_ context.Context, project, name string, v Value) (Secret
 }
 
 // Delete removes a secret.
-func (s *Store) Delete(_ context.Context, project, name string) error {
+func (s *Store) Delete(ctx context.Context, project, name string) error {
 	if project == "" {
 		project = DefaultProject
 	}
-	return s.update(func(d *document, _ *Keyring) error {
-		i := find(d, project, name)
+	return s.update(ctx, func(d *document, _ *Keyring) error {
+		i := find(d.Secrets, project, name)
 		if i < 0 {
 			return fmt.Errorf("secret %s in project %s: %w", name, project, ErrNotFound)
 		}
@@ -395,12 +287,12 @@ func (s *Store) Delete(_ context.Context, project, name string) error {
 // RemoveRegistry drops one registry pattern from whichever secret of the
 // project claims it exactly, and deletes the secret if it had no other. It
 // returns the name of the secret it changed.
-func (s *Store) RemoveRegistry(_ context.Context, project string, p Pattern) (string, error) {
+func (s *Store) RemoveRegistry(ctx context.Context, project string, p Pattern) (string, error) {
 	if project == "" {
 		project = DefaultProject
 	}
 	var changed string
-	err := s.update(func(d *document, k *Keyring) error {
+	err := s.update(ctx, func(d *document, k *Keyring) error {
 		for i, r := range d.Secrets {
 			if r.Project != project || !slices.Contains(r.Registries, p) {
 				continue
@@ -431,31 +323,31 @@ func (s *Store) RemoveRegistry(_ context.Context, project string, p Pattern) (st
 }
 
 // Get returns a secret's metadata.
-func (s *Store) Get(_ context.Context, project, name string) (Secret, error) {
+func (s *Store) Get(ctx context.Context, project, name string) (Secret, error) {
 	if project == "" {
 		project = DefaultProject
 	}
-	d, err := s.load()
+	recs, err := s.backend.Load(ctx)
 	if err != nil {
 		return Secret{}, err
 	}
-	i := find(d, project, name)
+	i := find(recs, project, name)
 	if i < 0 {
 		return Secret{}, fmt.Errorf("secret %s in project %s: %w", name, project, ErrNotFound)
 	}
-	return d.Secrets[i].Secret, nil
+	return recs[i].Secret, nil
 }
 
 // Value returns a secret's metadata and its opened value.
-func (s *Store) Value(_ context.Context, project, name string) (Secret, Value, error) {
+func (s *Store) Value(ctx context.Context, project, name string) (Secret, Value, error) {
 	if project == "" {
 		project = DefaultProject
 	}
-	d, err := s.load()
+	recs, err := s.backend.Load(ctx)
 	if err != nil {
 		return Secret{}, Value{}, err
 	}
-	i := find(d, project, name)
+	i := find(recs, project, name)
 	if i < 0 {
 		return Secret{}, Value{}, fmt.Errorf("secret %s in project %s: %w", name, project, ErrNotFound)
 	}
@@ -463,23 +355,26 @@ func (s *Store) Value(_ context.Context, project, name string) (Secret, Value, e
 	if err != nil {
 		return Secret{}, Value{}, err
 	}
-	v, err := s.open(k, d.Secrets[i])
-	return d.Secrets[i].Secret, v, err
+	v, err := s.open(k, recs[i])
+	return recs[i].Secret, v, err
 }
 
 // List returns the secrets of a project, or of every project if project is
 // "", sorted by project and name.
-func (s *Store) List(_ context.Context, project string) ([]Secret, error) {
-	d, err := s.load()
+func (s *Store) List(ctx context.Context, project string) ([]Secret, error) {
+	recs, err := s.backend.Load(ctx)
 	if err != nil {
 		return nil, err
 	}
 	var out []Secret
-	for _, r := range d.Secrets {
+	for _, r := range recs {
 		if project == "" || r.Project == project {
 			out = append(out, r.Secret)
 		}
 	}
+	slices.SortFunc(out, func(a, b Secret) int {
+		return cmp.Or(strings.Compare(a.Project, b.Project), strings.Compare(a.Name, b.Name))
+	})
 	return out, nil
 }
 
@@ -488,17 +383,17 @@ func (s *Store) List(_ context.Context, project string) ([]Secret, error) {
 // host), a whole-registry pattern wins; failing that, a single secret
 // covering part of the host is used, and several are an error since the
 // caller gave nothing to choose between them.
-func (s *Store) Match(_ context.Context, project string, t Target) (Secret, Value, error) {
+func (s *Store) Match(ctx context.Context, project string, t Target) (Secret, Value, error) {
 	if project == "" {
 		project = DefaultProject
 	}
-	d, err := s.loadHost(t.Host)
+	recs, err := s.backend.LoadHost(ctx, t.Host)
 	if err != nil {
 		return Secret{}, Value{}, err
 	}
 	best, bestScore := -1, 0
 	var partial []int
-	for i, r := range d.Secrets {
+	for i, r := range recs {
 		if r.Project != project {
 			continue
 		}
@@ -520,7 +415,7 @@ func (s *Store) Match(_ context.Context, project string, t Target) (Secret, Valu
 		default:
 			var names []string
 			for _, i := range partial {
-				names = append(names, d.Secrets[i].Name)
+				names = append(names, recs[i].Name)
 			}
 			return Secret{}, Value{}, fmt.Errorf("%s in project %s: secrets %s each cover part of this registry and the client named no repository", t, project, strings.Join(names, ", "))
 		}
@@ -529,8 +424,8 @@ func (s *Store) Match(_ context.Context, project string, t Target) (Secret, Valu
 	if err != nil {
 		return Secret{}, Value{}, err
 	}
-	v, err := s.open(k, d.Secrets[best])
-	return d.Secrets[best].Secret, v, err
+	v, err := s.open(k, recs[best])
+	return recs[best].Secret, v, err
 }
 
 // Resolve is the pull-time step: it finds the secret for t and asks its
@@ -553,10 +448,12 @@ func (s *Store) Resolve(ctx context.Context, project string, t Target) (Secret, 
 
 // RotateKey adds a new key, re-seals every secret under it and then drops
 // the old keys. A crash at any point leaves every record openable: the new
-// key is saved beside the old ones before anything is re-sealed.
-func (s *Store) RotateKey(_ context.Context) (string, error) {
+// key is saved beside the old ones before anything is re-sealed, and the
+// old keys are dropped only once the re-sealed records are stored, and only
+// if every record is then sealed by the current key.
+func (s *Store) RotateKey(ctx context.Context) (string, error) {
 	var id string
-	err := s.update(func(d *document, k *Keyring) error {
+	err := s.update(ctx, func(d *document, k *Keyring) error {
 		values := make([]Value, len(d.Secrets))
 		for i, r := range d.Secrets {
 			v, err := s.open(k, r)
@@ -579,8 +476,24 @@ func (s *Store) RotateKey(_ context.Context) (string, error) {
 			}
 			d.Secrets[i] = nr
 		}
-		if err := s.save(d); err != nil {
-			return err
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	// A second pass under the writers' lock: a backend stores what the
+	// first returned only as it ends, and another writer may have come
+	// between the two (another rotation, too). Old keys go only when no
+	// record needs them.
+	err = s.update(ctx, func(d *document, k *Keyring) error {
+		for _, r := range d.Secrets {
+			var sl Sealed
+			if err := json.Unmarshal(r.Sealed, &sl); err != nil || sl.KeyID != k.Current {
+				return nil
+			}
+		}
+		if len(k.Keys) == 1 {
+			return nil
 		}
 		k.Retain()
 		return k.Save(s.keyPath)

@@ -101,6 +101,7 @@ func (l *stringList) Set(s string) error { *l = append(*l, s); return nil }
 type common struct {
 	project string
 	home    string
+	config  string // --config of the token and secret commands (metadata.go)
 }
 
 func (c *cli) commonFlags(fs *flag.FlagSet) *common {
@@ -127,11 +128,20 @@ func (c *cli) projectName(co *common) (string, error) {
 }
 
 // openStore opens the sealed store: --home of the command, else the global
-// --home, else the environment (PULLSECRET_HOME and the fallbacks).
+// --home, else the server config's home, else the environment
+// (PULLSECRET_HOME and the fallbacks); its records where the server config
+// (--config, $PULLSECRET_CONFIG) keeps them.
 func (c *cli) openStore(co *common) (*secret.Store, error) {
+	cfgHome, opts, err := c.configStoreOptions(co)
+	if err != nil {
+		return nil, err
+	}
 	home := c.home
 	if co != nil && co.home != "" {
 		home = co.home
+	}
+	if home == "" {
+		home = cfgHome
 	}
 	getenv := c.getenv
 	if home != "" {
@@ -142,7 +152,7 @@ func (c *cli) openStore(co *common) (*secret.Store, error) {
 			return c.getenv(k)
 		}
 	}
-	return secret.OpenFromEnv(getenv)
+	return secret.OpenFromEnv(getenv, opts...)
 }
 
 // maxValue bounds a secret value read from stdin or a file.

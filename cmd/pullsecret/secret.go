@@ -49,7 +49,7 @@ Flags:
   --password-file FILE  read the password from FILE
   --token-stdin         read an identity (refresh) token from standard input
   --token-file FILE     read an identity token from FILE
-` + commonFlagsUsage + createECRFlagsUsage + `
+` + commonFlagsUsage + configFlagUsage + createECRFlagsUsage + `
 Example:
   printf '%s' "$REGISTRY_PASSWORD" | pullsecret secret create ghcr-acme \
       --registry ghcr.io/acme --username acme-bot --password-stdin
@@ -66,7 +66,7 @@ nothing; a changed credential updates its secret.
 
 Flags:
   --from-dockerconfig FILE  the file to import ("-" for standard input)
-` + commonFlagsUsage
+` + commonFlagsUsage + configFlagUsage
 
 const listUsage = `Usage: pullsecret secret list [--project P | --all-projects] [-o table|json]
 
@@ -76,7 +76,7 @@ NAME KIND REGISTRIES VERSION UPDATED (and PROJECT first with --all-projects).
 Flags:
   -o, --output FORMAT   table (default) or json
   --all-projects        list the secrets of every project
-` + commonFlagsUsage
+` + commonFlagsUsage + configFlagUsage
 
 const showUsage = `Usage: pullsecret secret show NAME [--project P] [-o text|json]
 
@@ -85,7 +85,7 @@ shown.
 
 Flags:
   -o, --output FORMAT   text (default) or json
-` + commonFlagsUsage
+` + commonFlagsUsage + configFlagUsage
 
 const rotateUsage = `Usage: pullsecret secret rotate NAME --password-stdin [--username USER] [--project P]
        pullsecret secret rotate NAME --token-stdin [--project P]
@@ -99,14 +99,14 @@ Flags:
   --password-file FILE  read the new password from FILE
   --token-stdin         read the new identity token from standard input
   --token-file FILE     read the new identity token from FILE
-` + commonFlagsUsage
+` + commonFlagsUsage + configFlagUsage
 
 const deleteUsage = `Usage: pullsecret secret delete NAME [--project P]
 
 Delete a pull secret.
 
 Flags:
-` + commonFlagsUsage
+` + commonFlagsUsage + configFlagUsage
 
 // oneName checks that exactly one positional argument, NAME, was given.
 // secretStore checks the project and the secret name of a command on one
@@ -236,6 +236,7 @@ func safeArg(s string) string {
 func (c *cli) secretCreate(args []string) error {
 	fs := newFlagSet("create")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	var regs stringList
 	fs.Var(&regs, "registry", "")
 	var vf valueFlags
@@ -325,6 +326,7 @@ type importStep struct {
 func (c *cli) secretImport(args []string) error {
 	fs := newFlagSet("import")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	var from string
 	fs.StringVar(&from, "from-dockerconfig", "", "")
 	pos, err := c.parseFlags(fs, args, importUsage)
@@ -460,6 +462,7 @@ func timeString(t time.Time) string {
 func (c *cli) secretList(args []string) error {
 	fs := newFlagSet("list")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	out := outputFlag(fs, "table")
 	all := fs.Bool("all-projects", false, "")
 	pos, err := c.parseFlags(fs, args, listUsage)
@@ -521,6 +524,7 @@ func writeJSON(c *cli, v any) error {
 func (c *cli) secretShow(args []string) error {
 	fs := newFlagSet("show")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	out := outputFlag(fs, "text")
 	pos, err := c.parseFlags(fs, args, showUsage)
 	if err != nil {
@@ -562,6 +566,7 @@ func (c *cli) secretShow(args []string) error {
 func (c *cli) secretRotate(args []string) error {
 	fs := newFlagSet("rotate")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	var vf valueFlags
 	vf.register(fs)
 	pos, err := c.parseFlags(fs, args, rotateUsage)
@@ -609,6 +614,7 @@ func (c *cli) secretRotate(args []string) error {
 func (c *cli) secretDelete(args []string) error {
 	fs := newFlagSet("delete")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	pos, err := c.parseFlags(fs, args, deleteUsage)
 	if err != nil {
 		return err

@@ -45,7 +45,7 @@ Flags:
                           ghcr.io/acme/*     only below ghcr.io/acme
                         Repeatable. Default: every repository of the project.
   --name N              a label to recognise the token by
-` + commonFlagsUsage
+` + commonFlagsUsage + configFlagUsage
 
 const tokenListUsage = `Usage: pullsecret token list [--project P] [-o table|json]
 
@@ -57,23 +57,42 @@ Flags:
   --project P           list only the tokens of project P
   -o, --output FORMAT   table (default) or json
   --home DIR            data folder (default: $PULLSECRET_HOME)
-`
+` + configFlagUsage
 
 const tokenRevokeUsage = `Usage: pullsecret token revoke ID
 
 Revoke the project token ID (as 'pullsecret token list' shows it). It stops
 working at once, on running servers too, and so do the registry tokens
-issued for it.
+issued for it. Give the servers' config (--config) when they share a
+PostgreSQL database: every replica refuses the token at its next request.
 
 Flags:
   --home DIR            data folder (default: $PULLSECRET_HOME)
-`
+` + configFlagUsage
 
-// tokenStore opens the project token store of the data folder.
+// tokenStore opens the project token store: the server config's metadata
+// database (--config, $PULLSECRET_CONFIG; metadata driver postgres), else
+// the data folder (--home, the config's home, $PULLSECRET_HOME).
 func (c *cli) tokenStore(co *common) (*proxy.TokenStore, error) {
+	cfg, ok, err := c.commandConfig(co)
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		db, err := c.commandMetadata(cfg)
+		if err != nil {
+			return nil, err
+		}
+		if db != nil {
+			return proxy.NewTokenStore("", proxy.WithTokenBackend(db.Tokens()))
+		}
+	}
 	home := c.home
 	if co != nil && co.home != "" {
 		home = co.home
+	}
+	if home == "" {
+		home = cfg.Home
 	}
 	if home == "" {
 		var err error
@@ -103,6 +122,7 @@ func parseTTL(s string) (time.Duration, error) {
 func (c *cli) tokenCreate(args []string) error {
 	fs := newFlagSet("create")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	var scopes, repos stringList
 	fs.Var(&scopes, "scope", "")
 	fs.Var(&repos, "repository", "")
@@ -162,6 +182,7 @@ type tokenListItem struct {
 func (c *cli) tokenList(args []string) error {
 	fs := newFlagSet("list")
 	co := c.commonFlags(fs)
+	c.configFlag(fs, co)
 	out := outputFlag(fs, "table")
 	pos, err := c.parseFlags(fs, args, tokenListUsage)
 	if err != nil {
@@ -218,6 +239,7 @@ func (c *cli) tokenRevoke(args []string) error {
 	fs := newFlagSet("revoke")
 	co := &common{}
 	fs.StringVar(&co.home, "home", "", "")
+	c.configFlag(fs, co)
 	pos, err := c.parseFlags(fs, args, tokenRevokeUsage)
 	if err != nil {
 		return err
