@@ -29,6 +29,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/pullsecret/pullsecret/audit"
 	"github.com/pullsecret/pullsecret/secret"
 )
 
@@ -97,6 +98,7 @@ type credentialAPI struct {
 	store      *secret.Store
 	proxyHosts map[string]bool
 	log        *slog.Logger
+	audit      audit.Log // nil: no audit trail
 }
 
 // NewCredentialAPI returns the handler of POST /api/v1/credentials.
@@ -146,6 +148,21 @@ func (c *credentialAPI) isProxyHost(r *http.Request, host string) bool {
 }
 
 func (c *credentialAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	// ev is this request's audit event; every exit below decides it.
+	ev := audit.Event{Time: time.Now().UTC(), Client: auditClient(r, c.auth.trustForwarded),
+		Action: audit.ActionCredential, Via: audit.ViaHelper}
+	if c.audit != nil {
+		defer func() { recordAudit(r.Context(), c.audit, c.log, ev) }()
+	}
+	// writeAuthError, shadowed here, also decides the audit event.
+	writeAuthError := func(w http.ResponseWriter, status int, code, msg string) {
+		ev.Decision, ev.Status, ev.Reason = audit.Denied, status, msg
+		if status >= 500 && ev.Project != "" {
+			// Authorized, but resolving failed: not a refusal.
+			ev.Decision = audit.Allowed
+		}
+		writeAuthError(w, status, code, msg)
+	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", "POST")
 		writeAuthError(w, http.StatusMethodNotAllowed, "UNSUPPORTED", "the credential API takes POST")
@@ -160,9 +177,14 @@ func (c *credentialAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	info, err := c.auth.login(r, tok)
 	if err != nil {
+		if errors.Is(err, ErrTokenExpired) || errors.Is(err, ErrTokenRevoked) {
+			// The store knows this token: name it (its id, never it).
+			ev.TokenID, _ = ParseTokenID(tok)
+		}
 		var rl *RateLimitError
 		switch {
 		case errors.As(err, &rl):
+			ev.Decision, ev.Status, ev.Reason = audit.Denied, http.StatusTooManyRequests, "too many failed logins"
 			writeTooManyRequests(w, rl)
 		case errors.Is(err, ErrInvalidToken) && !looksLikeProjectToken(tok):
 			writeAuthError(w, http.StatusUnauthorized, "UNAUTHORIZED", "the credential API takes a project token (pst_...), not a registry token")
@@ -173,6 +195,7 @@ func (c *credentialAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
+	ev.Project, ev.TokenID = info.Project, info.ID
 	var req CredentialRequest
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxCredentialRequest))
 	if err := dec.Decode(&req); err != nil {
@@ -193,6 +216,7 @@ func (c *credentialAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		t.Repo = rt.Repo
 	}
 	attrs := []any{"project", info.Project, "token_id", info.ID, "registry", t.String()}
+	ev.Upstream, ev.Repository = t.Host, t.Repo
 
 	if c.isProxyHost(r, t.Host) {
 		if pull, _ := tokenActions(info.Scopes); !pull {
@@ -201,6 +225,7 @@ func (c *credentialAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		exp := info.Expires.UTC()
 		c.log.Info("credential answered", append(attrs, "kind", "proxy-token")...)
+		ev.Decision, ev.Status, ev.Reason = audit.Allowed, http.StatusOK, "the project token itself, to log in to this proxy"
 		writeCredential(w, CredentialResponse{Username: TokenUsername, Secret: tok, ExpiresAt: &exp})
 		return
 	}
@@ -233,6 +258,7 @@ func (c *credentialAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		resp.ExpiresAt = &exp
 	}
 	c.log.Info("credential answered", append(attrs, "kind", "pull-secret", "secret", sec.Name)...)
+	ev.Decision, ev.Status, ev.Secret = audit.Allowed, http.StatusOK, sec.Name
 	writeCredential(w, resp)
 }
 

@@ -123,6 +123,9 @@ type KubeletAuditEvent struct {
 	Secret         string // the pull secret used, if any
 	Outcome        string // "credential", "pull-token", "no-binding", "no-match", "invalid-token", "bad-request", "error"
 	Reason         string
+	Client         string // the plugin's address (the node)
+	TokenID        string // the id of the pull token issued, if any
+	Status         int    // the HTTP status answered
 }
 
 // KubeletOption configures NewKubeletAPI.
@@ -482,14 +485,14 @@ func (k *KubeletAPI) project(id kubeletIdentity) (string, bool) {
 
 // ServeHTTP answers one plugin request.
 func (k *KubeletAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	ev := KubeletAuditEvent{Time: k.now()}
+	ev := KubeletAuditEvent{Time: k.now(), Client: r.RemoteAddr}
 	defer func() {
 		if k.audit != nil {
 			k.audit(ev)
 		}
 	}()
 	fail := func(status int, code, outcome, msg string) {
-		ev.Outcome, ev.Reason = outcome, msg
+		ev.Outcome, ev.Reason, ev.Status = outcome, msg, status
 		kubeletWriteError(w, status, code, msg)
 	}
 	if r.Method != http.MethodPost {
@@ -553,7 +556,8 @@ func (k *KubeletAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fail(http.StatusInternalServerError, "UNKNOWN", "error", "could not issue a pull token")
 			return
 		}
-		ev.Outcome, ev.Registry = "pull-token", t.Host
+		ev.Outcome, ev.Registry, ev.Status = "pull-token", t.Host, http.StatusOK
+		ev.TokenID, _ = ParseTokenID(tok)
 		kubeletWriteJSON(w, kubeletResponse{Registry: t.Host, CacheKeyType: "Registry", Username: project, Password: tok, ExpiresAt: &exp})
 		return
 	}
@@ -586,7 +590,7 @@ func (k *KubeletAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		exp := c.Expires.UTC()
 		resp.ExpiresAt = &exp
 	}
-	ev.Outcome, ev.Registry, ev.Secret = "credential", key, sec.Name
+	ev.Outcome, ev.Registry, ev.Secret, ev.Status = "credential", key, sec.Name, http.StatusOK
 	kubeletWriteJSON(w, resp)
 }
 

@@ -47,6 +47,8 @@ type reqInfo struct {
 	err      *Error
 	// upstreamBytes counts blob bytes read from the upstream.
 	upstreamBytes int64
+	// rt is the parsed registry route, for the audit trail.
+	rt *route
 }
 
 type infoKey struct{}
@@ -125,6 +127,9 @@ func (s *Server) observe(h http.Handler) http.Handler {
 				s.metrics.upBytes.WithLabelValues(info.upstream).Add(float64(info.upstreamBytes))
 			}
 			s.logRequest(r, info, status, sw.bytes, d, aborted)
+			if s.audit != nil {
+				s.auditRequest(r, info, status, start)
+			}
 			if p != nil {
 				if p != http.ErrAbortHandler {
 					s.log.Error("panic serving request", "request_id", info.id, "panic", redact(anyString(p)))
