@@ -10,9 +10,8 @@ package proxy
 // (AES-256-GCM, key per server process, bound to the project, the
 // repository name and the upstream) into the upload id of the Location
 // the client gets, /v2/<name>/blobs/uploads/<id>. Nothing is kept in
-// memory per upload, so abandoned uploads cost nothing. Replicas behind a
-// load balancer need sticky sessions for uploads (the sealing key is per
-// process).
+// memory per upload, so abandoned uploads cost nothing. The sealing key is
+// the process's own unless WithUploadKey shares one between replicas.
 
 import (
 	"context"
@@ -45,9 +44,11 @@ type uploadState struct {
 
 type uploadSealer struct{ aead cipher.AEAD }
 
-func newUploadSealer() *uploadSealer {
-	key := make([]byte, 32)
-	rand.Read(key)
+func newUploadSealer(key []byte) *uploadSealer {
+	if len(key) != 32 {
+		key = make([]byte, 32)
+		rand.Read(key)
+	}
 	block, _ := aes.NewCipher(key)
 	aead, _ := cipher.NewGCM(block)
 	return &uploadSealer{aead: aead}

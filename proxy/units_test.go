@@ -282,7 +282,7 @@ func TestRedact(t *testing.T) {
 
 func TestUploadSealer(t *testing.T) {
 	t.Parallel()
-	u := newUploadSealer()
+	u := newUploadSealer(nil)
 	now := time.Now()
 	id := u.seal(uploadState{URL: "https://up/v2/x/blobs/uploads/1?_state=s", Project: "p", Name: "n", Upstream: "up", Expires: now.Add(time.Hour).Unix()})
 	st, ok := u.open(id, now)
@@ -295,8 +295,14 @@ func TestUploadSealer(t *testing.T) {
 	if _, ok := u.open(id, now.Add(2*time.Hour)); ok {
 		t.Fatal("expired id accepted")
 	}
-	if _, ok := newUploadSealer().open(id, now); ok {
+	if _, ok := newUploadSealer(nil).open(id, now); ok {
 		t.Fatal("another key opened the id")
+	}
+	// Replicas sharing the cluster secret open each other's ids.
+	shared := DeriveKey([]byte("cluster secret"), "upload ids")
+	id = newUploadSealer(shared).seal(uploadState{URL: "https://up/u", Expires: now.Add(time.Hour).Unix()})
+	if st, ok := newUploadSealer(shared).open(id, now); !ok || st.URL != "https://up/u" {
+		t.Fatal("a replica with the same key did not open the id")
 	}
 	b := []byte(id)
 	b[len(b)/2] ^= 1

@@ -98,6 +98,7 @@ type config struct {
 	metrics          Metrics
 	log              *slog.Logger
 	now              func() time.Time
+	cluster          *Cluster
 }
 
 // WithSpoolDir puts the local spool files of in-flight fills in dir. The
@@ -159,6 +160,9 @@ type Cache struct {
 	spoolRel string   // its driver path when it lies inside the filesystem driver's root, else ""
 	fsRoot   string   // the filesystem driver's root (OpenFilesystem), else ""
 	lock     *os.File // flock held on spoolDir/.lock while open
+	// direct: the driver's Writer publishes nothing before Commit, so
+	// commits write the final path itself (see commit.go).
+	direct bool
 
 	baseCtx   context.Context
 	cancelAll context.CancelFunc
@@ -201,7 +205,9 @@ func OpenFilesystem(ctx context.Context, root string, opts ...Option) (*Cache, e
 
 // Open opens a cache on any distribution storage driver (s3-aws, gcs,
 // azure, inmemory, filesystem). Verified fills are copied from the local
-// spool into the driver through an upload path, then moved into place.
+// spool into the driver: on s3-aws straight to the final path, published
+// by the upload's completion; on other drivers through an upload path,
+// then moved into place (see commit.go).
 func Open(ctx context.Context, drv storagedriver.StorageDriver, opts ...Option) (*Cache, error) {
 	return open(ctx, drv, "", opts)
 }
@@ -240,6 +246,7 @@ func open(ctx context.Context, drv storagedriver.StorageDriver, fsRoot string, o
 		recent:   map[key]time.Time{},
 		access:   map[key]*accessInfo{},
 		located:  map[string]struct{}{},
+		direct:   directCommit(drv),
 	}
 	spoolBase := cfg.spoolDir
 	if spoolBase == "" {
@@ -316,8 +323,8 @@ func (c *Cache) Driver() storagedriver.StorageDriver { return c.drv }
 //	/manifests/<alg>/<hex[:2]>/<hex>/accessed
 //	/repos/<host>/<repo>/_tags/<tag>           tag entry (JSON Descriptor + key)
 //	/repos/<host>/<repo>/_digests/<alg>/<hex>  location: the digest is in this repository upstream
-//	/_uploads/<instance>/<random>/data         commit in progress (never read)
-//	/_trash/<random>/data                      GC: moved out of the final path, then deleted
+//	/_uploads/<instance>/<random>/data         commit in progress (never read; not on s3-aws)
+//	/_trash/<random>/data                      GC: moved out of the final path, then deleted (not on s3-aws)
 //	/_spool/<instance>/<random>                spool files (OpenFilesystem only; local otherwise)
 //
 // <host> is the upstream host escaped into one path component.
@@ -523,41 +530,3 @@ func (c *Cache) release(k key) {
 	}
 	c.mu.Unlock()
 }
-
-// commitFile copies the verified content of src into the driver at k's
-// final path: driver.Writer to an upload path, Commit, Move. Readers only
-// ever read final paths, so no partial content is visible at any moment,
-// even if the process dies here (Open removes the upload).
-func (c *Cache) commitFile(ctx context.Context, k key, src io.Reader) error {
-	up := path.Join(uploadsDir, c.instance, randomID())
-	w, err := c.drv.Writer(ctx, up+"/"+dataName, false)
-	if err != nil {
-		return err
-	}
-	_, err = io.Copy(w, src)
-	if commitHook != nil {
-		commitHook(k)
-	}
-	if err == nil {
-		err = w.Commit(ctx)
-	}
-	if err != nil {
-		_ = w.Cancel(ctx)
-		_ = w.Close()
-		_ = c.drv.Delete(context.WithoutCancel(ctx), up)
-		return err
-	}
-	if err := w.Close(); err != nil {
-		_ = c.drv.Delete(context.WithoutCancel(ctx), up)
-		return err
-	}
-	err = c.drv.Move(ctx, up+"/"+dataName, dataPath(k))
-	if derr := c.drv.Delete(context.WithoutCancel(ctx), up); derr != nil && !isNotFound(derr) && err == nil {
-		c.log.Debug("cache: remove upload dir", "path", up, "err", derr)
-	}
-	return err
-}
-
-// commitHook, when set (tests only), runs between writing an upload and
-// committing it.
-var commitHook func(key)

@@ -45,6 +45,8 @@ type fill struct {
 	file        *os.File
 	spoolPath   string
 	refs        int // the fill goroutine + open readers (and joiners not yet readers)
+
+	onDone func() // after the fill has committed or failed (cluster lease release)
 }
 
 // fillBufSize is the read size from the upstream: big enough for few
@@ -291,6 +293,9 @@ func (c *Cache) openBlob(ctx context.Context, k key, fetch FetchFunc, o *request
 		c.fills[k] = f
 		c.wg.Add(1)
 		c.mu.Unlock()
+		if c.cfg.cluster != nil {
+			fetch, f.onDone = c.clusterFetch(f, fetch)
+		}
 		go c.runFill(f, fetch, o.size)
 		return nil, f, true, nil
 	}
@@ -340,6 +345,9 @@ func (c *Cache) runFill(f *fill, fetch FetchFunc, expect int64) {
 	defer c.wg.Done()
 	defer f.cancel()
 	err := c.doFill(f, fetch, expect)
+	if f.onDone != nil {
+		f.onDone()
+	}
 	if err != nil {
 		fe := &FillError{Kind: KindBlob, Digest: f.k.d, Phase: "transfer", Err: err}
 		var pe *phaseError
@@ -449,7 +457,9 @@ func (c *Cache) doFill(f *fill, fetch FetchFunc, expect int64) error {
 	f.publishLocked()
 	f.mu.Unlock()
 
-	if err := c.commitSpool(ctx, f, file, written); err != nil {
+	if c.cfg.cluster != nil && c.committedElsewhere(ctx, f) {
+		// The replica that filled it from the upstream has committed it.
+	} else if err := c.commitSpool(ctx, f, file, written); err != nil {
 		// The readers have their verified bytes; only the entry is lost.
 		c.m.FillFailure(KindBlob, f.labels, "commit")
 		c.log.Warn("cache: commit failed", "digest", f.k.d, "err", err)
@@ -466,7 +476,7 @@ func (c *Cache) doFill(f *fill, fetch FetchFunc, expect int64) error {
 
 // commitSpool makes the verified spool the cache entry. With the spool
 // inside the filesystem driver's root it is a rename (after fsync); with
-// any other driver a copy through an upload path.
+// any other driver a copy (commitFile).
 func (c *Cache) commitSpool(ctx context.Context, f *fill, file *os.File, size int64) error {
 	f.mu.Lock()
 	spool := f.spoolPath
@@ -488,7 +498,7 @@ func (c *Cache) commitSpool(ctx context.Context, f *fill, file *os.File, size in
 		}
 		// Fall back to a copy (another file system, say).
 	}
-	err := c.commitFile(ctx, f.k, io.NewSectionReader(file, 0, size))
+	err := c.commitFile(ctx, f.k, io.NewSectionReader(file, 0, size), size)
 	f.mu.Lock()
 	if f.spoolPath != "" {
 		_ = os.Remove(f.spoolPath)
