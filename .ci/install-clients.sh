@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install the real container clients the end-to-end tests drive
 # (internal/clients): skopeo, podman, runc, containerd/ctr, dockerd and the
-# Debian Docker CLI, a static busybox for the test image, and crane.
+# Debian Docker CLI, a static busybox for the test image, and crane; and
+# versitygw, the S3 server of the object-store cache tests (internal/s3test);
+# and PostgreSQL, the metadata database of replicas (internal/pgtest).
 #
 # For a fresh Debian 12 (bookworm) machine, as root, with or without systemd.
 # Idempotent: a second run installs nothing. Needs Go (>= the go.mod version)
@@ -12,6 +14,7 @@
 set -euo pipefail
 
 CRANE_VERSION=v0.22.1
+VERSITYGW_VERSION=v1.8.0
 
 # Proven on a fresh debootstrap'ed bookworm (minbase): with only these (and
 # their Depends: conmon, containers-common, containernetworking-plugins,
@@ -36,6 +39,9 @@ PACKAGES=(
 	# peers for registry tests (REFERENCE.md): htpasswd, distribution 2.8
 	apache2-utils
 	docker-registry
+	# the metadata database of replicas (postgres/): internal/pgtest runs
+	# its own initdb and postgres; the package's cluster is never started
+	postgresql
 )
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -86,6 +92,14 @@ else
 	go install "github.com/google/go-containerregistry/cmd/crane@${CRANE_VERSION}"
 fi
 
+# versitygw, where internal/s3test looks for it (as crane). Building it
+# takes about a minute, so only when the installed one is not this version.
+if [[ -x $gobin/versitygw ]] && go version -m "$gobin/versitygw" 2>/dev/null | grep -q "mod[[:space:]]*github.com/versity/versitygw[[:space:]]*${VERSITYGW_VERSION}"; then
+	echo "install-clients.sh: versitygw ${VERSITYGW_VERSION} already in $gobin"
+else
+	go install "github.com/versity/versitygw/cmd/versitygw@${VERSITYGW_VERSION}"
+fi
+
 # The busybox in the test image must be static.
 if [[ ! -x /bin/busybox ]] || ! { ldd /bin/busybox 2>&1 || true; } | grep -q 'not a dynamic executable'; then
 	echo "install-clients.sh: /bin/busybox is missing or dynamically linked (want busybox-static)" >&2
@@ -101,4 +115,6 @@ ctr --version
 dockerd --version
 /usr/bin/docker --version
 "$gobin/crane" version
+"$gobin/versitygw" --version
 busybox 2>&1 | head -n1 || true
+for pg in /usr/lib/postgresql/*/bin/postgres; do "$pg" --version; done

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -412,7 +413,7 @@ func TestCacheConfig(t *testing.T) {
 	}
 	want := CacheConfig{Enabled: false, Driver: "filesystem", Root: "/var/cache/ps", TagTTL: 30 * time.Second, AccessTTL: 2 * time.Minute,
 		GC: CacheGCConfig{MaxSize: 10 << 30, OlderThan: 168 * time.Hour, Interval: time.Hour}}
-	if cfg.Cache != want {
+	if !reflect.DeepEqual(cfg.Cache, want) {
 		t.Fatalf("got %+v, want %+v", cfg.Cache, want)
 	}
 	for _, bad := range []string{"cache: {driver: s3}\n", "cache: {tag_ttl: -1s}\n", "cache: {nope: 1}\n", "cache: {gc: {interval: -1m}}\n"} {

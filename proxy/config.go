@@ -87,17 +87,43 @@ type Config struct {
 	Kubelet *KubeletConfig `yaml:"kubelet"`
 	// Cache is the content cache in front of the upstreams (issue 4).
 	Cache CacheConfig `yaml:"cache"`
+	// Audit is the audit trail of credentials handed out and of proxied
+	// pulls and pushes.
+	Audit AuditConfig `yaml:"audit"`
+	// Metadata is where tokens, secrets, access records, fill leases and
+	// the audit trail are kept: files in the data folder, or a PostgreSQL
+	// database that replicas share (see metadata.go).
+	Metadata MetadataConfig `yaml:"metadata"`
+}
+
+// AuditConfig configures the audit trail (package audit).
+type AuditConfig struct {
+	// Enabled records the trail (default true).
+	Enabled bool `yaml:"enabled"`
+	// Path is the JSON-lines file of the embedded mode (default
+	// <home>/audit.jsonl).
+	Path string `yaml:"path"`
+	// Replica names this server in every record, to tell replicas that
+	// share one trail apart (default: none).
+	Replica string `yaml:"replica"`
 }
 
 // CacheConfig configures the proxy's content cache.
 type CacheConfig struct {
 	// Enabled turns the cache on (default true).
 	Enabled bool `yaml:"enabled"`
-	// Driver is the storage driver: "filesystem" (the only one wired in
-	// serve so far).
+	// Driver is the storage driver: "filesystem" (default), "s3-aws" or
+	// "inmemory" (cachedriver.go).
 	Driver string `yaml:"driver"`
+	// Parameters are the driver's parameters by distribution's names
+	// (s3-aws: bucket, region, regionendpoint, accesskey, secretkey, ...);
+	// ${NAME} takes an environment variable, secretkey_file a file.
+	Parameters map[string]any `yaml:"parameters"`
 	// Root is the filesystem driver's folder (default <home>/cache).
 	Root string `yaml:"root"`
+	// SpoolDir is the local folder of in-flight fills with a driver other
+	// than filesystem (default <home>/cache-spool).
+	SpoolDir string `yaml:"spool_dir"`
 	// TagTTL is how long a cached tag is served before a HEAD upstream
 	// revalidates it (default 1m).
 	TagTTL time.Duration `yaml:"tag_ttl"`
@@ -167,6 +193,7 @@ func DefaultConfig() Config {
 			TagTTL:    DefaultCacheTagTTL,
 			AccessTTL: DefaultCacheAccessTTL,
 		},
+		Audit: AuditConfig{Enabled: true},
 	}
 }
 
@@ -324,11 +351,8 @@ func (c *Config) Validate() error {
 		bad("log.format: %q (want text or json)", c.Log.Format)
 	}
 	cc := &c.Cache
-	switch strings.ToLower(cc.Driver) {
-	case "", "filesystem":
-		cc.Driver = "filesystem"
-	default:
-		bad("cache.driver: %q (want filesystem)", cc.Driver)
+	if err := cc.validateDriver(); err != nil {
+		errs = append(errs, err)
 	}
 	if cc.TagTTL < 0 {
 		bad("cache.tag_ttl: negative")
@@ -342,6 +366,12 @@ func (c *Config) Validate() error {
 	}
 	if cc.GC.MaxSize < 0 || cc.GC.OlderThan < 0 || cc.GC.Interval < 0 {
 		bad("cache.gc: negative value")
+	}
+	if len(c.Audit.Replica) > 64 || strings.ContainsFunc(c.Audit.Replica, func(r rune) bool { return r < 0x21 || r == 0x7f }) {
+		bad("audit.replica: at most 64 printable characters, no spaces")
+	}
+	if err := c.Metadata.validate(c.Audit); err != nil {
+		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/pullsecret/pullsecret/audit"
 )
 
 // Server is the pullsecret proxy server.
@@ -38,6 +39,9 @@ type Server struct {
 	mounts  map[string]http.Handler
 	uploads *uploadSealer
 	handler http.Handler
+	checks  []ReadyCheck
+	// audit records proxied pulls and pushes (nil: none); see audit.go.
+	audit audit.Log
 
 	shuttingDown atomic.Bool
 	closeOnce    sync.Once
@@ -47,11 +51,31 @@ type Server struct {
 type Option func(*options)
 
 type options struct {
-	logger   *slog.Logger
-	wraps    []func(Fetcher) Fetcher
-	mounts   map[string]http.Handler
-	registry *prometheus.Registry
+	logger    *slog.Logger
+	wraps     []func(Fetcher) Fetcher
+	mounts    map[string]http.Handler
+	registry  *prometheus.Registry
+	uploadKey []byte
+	checks    []ReadyCheck
+	audit     audit.Log
 }
+
+// ReadyCheck is one dependency /readyz probes: the object store, the
+// database. Check returns nil when it is reachable.
+type ReadyCheck struct {
+	Name  string
+	Check func(ctx context.Context) error
+}
+
+// WithReadyCheck makes /readyz answer 503 while c fails.
+func WithReadyCheck(c ReadyCheck) Option {
+	return func(o *options) { o.checks = append(o.checks, c) }
+}
+
+// WithUploadKey seals upload ids with key (32 bytes) instead of a key of
+// this process's own, so that replicas sharing it accept each other's
+// upload ids and a chunked push needs no sticky sessions.
+func WithUploadKey(key []byte) Option { return func(o *options) { o.uploadKey = key } }
 
 // WithLogger sets the logger (default: discard).
 func WithLogger(l *slog.Logger) Option { return func(o *options) { o.logger = l } }
@@ -64,7 +88,7 @@ func WithFetcher(wrap func(Fetcher) Fetcher) Option {
 }
 
 // WithHandler mounts h at path (an exact path such as "/token" or
-// "/api/v1/credentials"). Mounted handlers get the request log and
+// "/api/v1/credentials", or a prefix ending in "/"). Mounted handlers get the request log and
 // metrics; their own authentication is theirs.
 func WithHandler(path string, h http.Handler) Option {
 	return func(o *options) { o.mounts[path] = h }
@@ -93,6 +117,9 @@ func New(cfg Config, secrets SecretSource, auth Authenticator, opts ...Option) (
 	if o.logger == nil {
 		o.logger = slog.New(slog.DiscardHandler)
 	}
+	if o.uploadKey != nil && len(o.uploadKey) != 32 {
+		return nil, errors.New("proxy: the upload key must be 32 bytes")
+	}
 	s := &Server{
 		cfg:     cfg,
 		secrets: secrets,
@@ -100,6 +127,7 @@ func New(cfg Config, secrets SecretSource, auth Authenticator, opts ...Option) (
 		log:     o.logger,
 		metrics: newMetrics(o.registry),
 		mounts:  o.mounts,
+		audit:   o.audit,
 	}
 	up, err := newUpstreams(cfg, secrets, s.metrics)
 	if err != nil {
@@ -111,7 +139,8 @@ func New(cfg Config, secrets SecretSource, auth Authenticator, opts ...Option) (
 	for _, w := range o.wraps {
 		s.fetch = w(s.fetch)
 	}
-	s.uploads = newUploadSealer()
+	s.uploads = newUploadSealer(o.uploadKey)
+	s.checks = o.checks
 	s.handler = s.observe(http.HandlerFunc(s.route))
 	return s, nil
 }
@@ -211,6 +240,12 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request) {
 			h.ServeHTTP(w, r)
 			return
 		}
+		for prefix, h := range s.mounts {
+			if strings.HasSuffix(prefix, "/") && strings.HasPrefix(p, prefix) {
+				h.ServeHTTP(w, r)
+				return
+			}
+		}
 		WriteError(w, r, newError(http.StatusNotFound, CodeUnsupported, "no such endpoint"))
 	}
 }
@@ -232,6 +267,13 @@ func (s *Server) ready(w http.ResponseWriter, r *http.Request) {
 		s.log.Warn("not ready: secret store unreadable", "error", redact(err.Error()))
 		writeText(w, http.StatusServiceUnavailable, "secret store unreadable\n")
 		return
+	}
+	for _, c := range s.checks {
+		if err := c.Check(ctx); err != nil {
+			s.log.Warn("not ready", "dependency", c.Name, "error", redact(err.Error()))
+			writeText(w, http.StatusServiceUnavailable, c.Name+" unreachable\n")
+			return
+		}
 	}
 	writeText(w, http.StatusOK, "ready\n")
 }
@@ -311,6 +353,9 @@ func (s *Server) registryAPI(w http.ResponseWriter, r *http.Request) {
 	if perr != nil {
 		WriteError(w, r, perr)
 		return
+	}
+	if info := infoFrom(r.Context()); info != nil {
+		info.rt = rt
 	}
 	if !methodAllowed(rt.kind, r.Method) {
 		w.Header().Set("Allow", strings.Join(allowedMethods[rt.kind], ", "))

@@ -31,6 +31,7 @@ func commands() map[string]*command {
 		"serve":     serveCommand(),
 		"demo":      demoCommand(),
 		"cache":     cacheCommand(),
+		"audit":     auditCommand(),
 	}
 }
 
@@ -75,6 +76,8 @@ type cli struct {
 	stderr io.Writer
 	getenv func(string) string
 	home   string // --home, overriding PULLSECRET_HOME
+	// cleanup runs when the command has ended (database pools to close).
+	cleanup []func()
 }
 
 // command is a leaf command (run) or a group of commands (sub).
@@ -115,6 +118,11 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		getenv = func(string) string { return "" }
 	}
 	c := &cli{ctx: ctx, stdin: stdin, stdout: stdout, stderr: stderr, getenv: getenv}
+	defer func() {
+		for _, f := range c.cleanup {
+			f()
+		}
+	}()
 	defer func() {
 		// A bug must not become a stack trace full of state, nor exit 2.
 		if r := recover(); r != nil {

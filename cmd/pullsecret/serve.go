@@ -4,13 +4,14 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/pullsecret/pullsecret/postgres"
 	"github.com/pullsecret/pullsecret/proxy"
 	"github.com/pullsecret/pullsecret/proxy/cache"
 	"github.com/pullsecret/pullsecret/secret"
@@ -40,6 +41,10 @@ Serve, on one host:port:
 With no flags it listens on 127.0.0.1:5080 over plain HTTP, with the data
 folder of $PULLSECRET_HOME. Flags override the config file; docs/CONFIG.md
 describes every key. SIGINT or SIGTERM shuts down gracefully.
+
+Every credential handed out and every pull and push through the proxy is
+recorded in the audit trail (audit.path, default $PULLSECRET_HOME/audit.jsonl);
+'pullsecret audit' shows it.
 
 Flags:
   --listen ADDR                 listen address (default 127.0.0.1:5080)
@@ -131,7 +136,7 @@ func (c *cli) serve(args []string) error {
 		scheme = "https"
 	}
 	log.Info("serving", "url", scheme+"://"+ln.Addr().String(), "home", ps.home,
-		"private_upstreams", cfg.AllowPrivateUpstreams.Describe())
+		"metadata", describeMetadata(ps.metadata), "private_upstreams", cfg.AllowPrivateUpstreams.Describe())
 	defer ps.close()
 	return ps.srv.Serve(c.ctx, ln)
 }
@@ -145,8 +150,15 @@ type proxyServer struct {
 	home   string
 	// cache is nil when cache.enabled is false.
 	cache   *cache.Cache
-	records *cache.MemoryAccessRecords
+	records cache.AccessRecords
 	stopGC  context.CancelFunc
+	// audit is the audit trail, closed last so that it keeps every
+	// request's record (nil when audit.enabled is false).
+	audit io.Closer
+	// metadata is the database replicas share (metadata.driver postgres;
+	// nil with files), closed after everything that uses it.
+	metadata     *postgres.DB
+	stopMaintain context.CancelFunc
 }
 
 // close stops the background GC and closes the cache and access records.
@@ -157,8 +169,15 @@ func (ps *proxyServer) close() {
 	if ps.cache != nil {
 		ps.cache.Close()
 	}
-	if ps.records != nil {
-		ps.records.Close()
+	if cl, ok := ps.records.(io.Closer); ok {
+		cl.Close()
+	}
+	if ps.audit != nil {
+		ps.audit.Close()
+	}
+	if ps.metadata != nil {
+		ps.stopMaintain()
+		ps.metadata.Close()
 	}
 }
 
@@ -166,20 +185,21 @@ func (ps *proxyServer) close() {
 // store, the token server, the credential API, the kubelet API (when
 // configured) and the proxy.
 func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, error) {
-	home := cfg.Home
-	if home == "" {
-		var err error
-		if home, err = secret.HomeFromEnv(c.getenv); err != nil {
-			return nil, err
-		}
-	}
-	store, err := secret.Open(home,
-		secret.WithKeyFile(c.getenv("PULLSECRET_KEY_FILE")),
-		secret.WithDiskCachedECR(awsecr.NewFromEnv(c.getenv), secret.WithCacheLogger(log)))
+	md, err := openMetadata(c.ctx, cfg.Metadata, log)
 	if err != nil {
 		return nil, err
 	}
-	tokens, err := proxy.NewTokenStore(home)
+	built := false
+	defer func() {
+		if !built && md != nil {
+			md.Close()
+		}
+	}()
+	home, store, err := c.openServerStore(cfg, log, metadataStoreOptions(md)...)
+	if err != nil {
+		return nil, err
+	}
+	tokens, err := proxy.NewTokenStore(home, metadataTokenOptions(md)...)
 	if err != nil {
 		return nil, err
 	}
@@ -212,32 +232,38 @@ func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, 
 	if h, _, err := net.SplitHostPort(cfg.Listen); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
 		hosts = append(hosts, cfg.Listen)
 	}
+	auditLog, auditCloser, err := metadataAuditLog(md, cfg, log)
+	if md == nil {
+		auditLog, auditCloser, err = c.openAuditLog(cfg, home, log)
+	}
+	if err != nil {
+		return nil, err
+	}
 	sopts := []proxy.Option{
 		proxy.WithLogger(log),
+		proxy.WithAudit(auditLog),
 		proxy.WithHandler("/token", auth.TokenHandler()),
 		proxy.WithHandler(proxy.CredentialAPIPath, proxy.NewCredentialAPI(auth, store,
-			proxy.WithProxyHosts(hosts...), proxy.WithCredentialLogger(log))),
+			proxy.WithProxyHosts(hosts...), proxy.WithCredentialLogger(log), proxy.WithCredentialAudit(auditLog))),
 	}
 	if cfg.Kubelet != nil && len(cfg.Kubelet.Issuers) > 0 {
-		k, err := proxy.NewKubeletAPI(*cfg.Kubelet, store, proxy.WithKubeletPullTokens(tokens))
+		k, err := proxy.NewKubeletAPI(*cfg.Kubelet, store, proxy.WithKubeletPullTokens(tokens),
+			proxy.WithKubeletAudit(proxy.KubeletAuditTo(auditLog, log)))
 		if err != nil {
 			return nil, err
 		}
 		sopts = append(sopts, proxy.WithHandler(proxy.KubeletAPIPath, k))
 	}
-	ps := &proxyServer{store: store, tokens: tokens, auth: auth, home: home}
+	ps := &proxyServer{store: store, tokens: tokens, auth: auth, home: home, audit: auditCloser, metadata: md}
+	if md != nil {
+		ps.stopMaintain = startMaintenance(c.ctx, md)
+	}
 	if cfg.Cache.Enabled {
 		reg := prometheus.NewRegistry()
 		if err := openProxyCache(c.ctx, ps, cfg, reg, log); err != nil {
 			return nil, err
 		}
-		sopts = append(sopts, proxy.WithMetricsRegistry(reg),
-			proxy.WithFetcher(func(next proxy.Fetcher) proxy.Fetcher {
-				return proxy.NewCachedFetcher(next, ps.cache, ps.records, proxy.CachedOptions{
-					TagTTL: cfg.Cache.TagTTL, AccessTTL: cfg.Cache.AccessTTL, Logger: log, Registerer: reg,
-					MaxManifestSize: int64(cfg.MaxManifestSize),
-				})
-			}))
+		sopts = append(sopts, proxy.WithMetricsRegistry(reg), withCachedFetcher(cfg, ps.cache, ps.records, reg, log))
 	}
 	srv, err := proxy.New(cfg, store, auth, sopts...)
 	if err != nil {
@@ -246,34 +272,67 @@ func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, 
 	}
 	loginFailure = srv.LoginFailure
 	ps.srv = srv
+	built = true
 	return ps, nil
 }
 
-// openProxyCache opens the content cache (filesystem driver under
-// cache.root, default <home>/cache), the access records (<home>/access.json)
-// and starts the background GC when a policy and an interval are set.
-func openProxyCache(ctx context.Context, ps *proxyServer, cfg proxy.Config, reg *prometheus.Registry, log *slog.Logger) error {
-	root := cfg.Cache.Root
-	if root == "" {
-		root = filepath.Join(ps.home, "cache")
+// openServerStore opens the sealed store of the data folder (cfg.Home, else
+// $PULLSECRET_HOME and its fallbacks) the way the server resolves pull
+// secrets: the key file of $PULLSECRET_KEY_FILE, ECR tokens cached on disk.
+func (c *cli) openServerStore(cfg proxy.Config, log *slog.Logger, opts ...secret.Option) (string, *secret.Store, error) {
+	home := cfg.Home
+	if home == "" {
+		var err error
+		if home, err = secret.HomeFromEnv(c.getenv); err != nil {
+			return "", nil, err
+		}
 	}
+	store, err := secret.Open(home, append([]secret.Option{
+		secret.WithKeyFile(c.getenv("PULLSECRET_KEY_FILE")),
+		secret.WithDiskCachedECR(awsecr.NewFromEnv(c.getenv), secret.WithCacheLogger(log))}, opts...)...)
+	if err != nil {
+		return "", nil, err
+	}
+	return home, store, nil
+}
+
+// openContentCache opens the content cache as the server uses it: on
+// cache.driver (openCacheStore: filesystem under cache.root, default
+// <home>/cache, or s3-aws, inmemory), the tag TTL and manifest limit of cfg,
+// metrics in reg. Each open takes its own flocked spool folder, so 'serve'
+// and 'cache warm' may share one cache.
+func openContentCache(ctx context.Context, cfg proxy.Config, home string, reg prometheus.Registerer, log *slog.Logger) (*cache.Cache, error) {
 	m, err := cache.NewPrometheus(reg)
+	if err != nil {
+		return nil, err
+	}
+	return openCacheStore(ctx, cfg.Cache, home, log, cache.WithTagTTL(cfg.Cache.TagTTL),
+		cache.WithMaxManifestSize(int64(cfg.MaxManifestSize)), cache.WithMetrics(m), cache.WithLogger(log))
+}
+
+// withCachedFetcher puts the caching fetcher (tenant checks, coalesced
+// verified fills, access records) in front of the server's upstream fetcher.
+func withCachedFetcher(cfg proxy.Config, cc *cache.Cache, records cache.AccessRecords, reg prometheus.Registerer, log *slog.Logger) proxy.Option {
+	return proxy.WithFetcher(func(next proxy.Fetcher) proxy.Fetcher {
+		return proxy.NewCachedFetcher(next, cc, records, proxy.CachedOptions{
+			TagTTL: cfg.Cache.TagTTL, AccessTTL: cfg.Cache.AccessTTL, Logger: log, Registerer: reg,
+			MaxManifestSize: int64(cfg.MaxManifestSize),
+		})
+	})
+}
+
+// openProxyCache opens the content cache (openContentCache), the access
+// records (<home>/access.json) and starts the background GC when a policy
+// and an interval are set.
+func openProxyCache(ctx context.Context, ps *proxyServer, cfg proxy.Config, reg *prometheus.Registry, log *slog.Logger) error {
+	cc, err := openContentCache(ctx, cfg, ps.home, reg, log)
 	if err != nil {
 		return err
 	}
-	cc, err := cache.OpenFilesystem(ctx, root, cache.WithTagTTL(cfg.Cache.TagTTL),
-		cache.WithMaxManifestSize(int64(cfg.MaxManifestSize)), cache.WithMetrics(m), cache.WithLogger(log))
-	if err != nil {
-		return fmt.Errorf("cache %s: %w", root, err)
-	}
-	// The storage driver writes 0644 files: the folder keeps them private
-	// (cached layers of private images are no one else's business).
-	if err := os.Chmod(root, 0o700); err != nil {
-		cc.Close()
-		return fmt.Errorf("cache %s: %w", root, err)
-	}
-	records, err := cache.OpenAccessRecords(filepath.Join(ps.home, "access.json"))
-	if err != nil {
+	var records cache.AccessRecords
+	if ps.metadata != nil {
+		records = ps.metadata.AccessRecords()
+	} else if records, err = cache.OpenAccessRecords(filepath.Join(ps.home, "access.json")); err != nil {
 		cc.Close()
 		return fmt.Errorf("access records: %w", err)
 	}
