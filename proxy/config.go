@@ -94,6 +94,8 @@ type Config struct {
 	// the audit trail are kept: files in the data folder, or a PostgreSQL
 	// database that replicas share (see metadata.go).
 	Metadata MetadataConfig `yaml:"metadata"`
+	// Cluster makes this server one of several replicas (clusterconfig.go).
+	Cluster *ClusterConfig `yaml:"cluster"`
 }
 
 // AuditConfig configures the audit trail (package audit).
@@ -369,6 +371,13 @@ func (c *Config) Validate() error {
 	}
 	if len(c.Audit.Replica) > 64 || strings.ContainsFunc(c.Audit.Replica, func(r rune) bool { return r < 0x21 || r == 0x7f }) {
 		bad("audit.replica: at most 64 printable characters, no spaces")
+	}
+	if c.Cluster != nil {
+		if err := c.Cluster.validate(c.Metadata); err != nil {
+			errs = append(errs, err)
+		} else if c.Audit.Replica == "" {
+			c.Audit.Replica = c.Cluster.ReplicaID
+		}
 	}
 	if err := c.Metadata.validate(c.Audit); err != nil {
 		errs = append(errs, err)

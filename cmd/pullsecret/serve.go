@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	storagedriver "github.com/distribution/distribution/v3/registry/storage/driver"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/pullsecret/pullsecret/postgres"
 	"github.com/pullsecret/pullsecret/proxy"
@@ -58,13 +60,16 @@ Flags:
   --log-level LEVEL             debug, info, warn or error (default info)
   --log-format FORMAT           text or json (default text)
   --home DIR                    data folder (default: $PULLSECRET_HOME)
+  --replica-id ID               this replica's name in a cluster (cluster.replica_id;
+                                default: the host name)
 `
 
 func (c *cli) serve(args []string) error {
 	fs := newFlagSet("serve")
 	var (
-		listen, cfgFile, tlsCert, tlsKey, external, allowPriv, logLevel, logFormat, home string
+		listen, cfgFile, tlsCert, tlsKey, external, allowPriv, logLevel, logFormat, home, replica string
 	)
+	fs.StringVar(&replica, "replica-id", "", "")
 	fs.StringVar(&listen, "listen", "", "")
 	fs.StringVar(&cfgFile, "config", "", "")
 	fs.StringVar(&tlsCert, "tls-cert", "", "")
@@ -113,6 +118,12 @@ func (c *cli) serve(args []string) error {
 	}
 	if set["log-format"] {
 		cfg.Log.Format = logFormat
+	}
+	if set["replica-id"] {
+		if cfg.Cluster == nil {
+			return &usageError{msg: "--replica-id: the configuration has no cluster section", usage: serveUsage}
+		}
+		cfg.Cluster.ReplicaID = replica
 	}
 	if set["home"] {
 		cfg.Home = home
@@ -203,7 +214,7 @@ func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, 
 	if err != nil {
 		return nil, err
 	}
-	signer, err := proxy.LoadSigner(home)
+	signer, err := loadSigner(cfg, home)
 	if err != nil {
 		return nil, err
 	}
@@ -258,12 +269,41 @@ func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, 
 	if md != nil {
 		ps.stopMaintain = startMaintenance(c.ctx, md)
 	}
+	if md != nil {
+		sopts = append(sopts, proxy.WithReadyCheck(proxy.ReadyCheck{Name: "metadata database", Check: md.Ping}))
+	}
+	var cacheOpts []cache.Option
+	var clusterSecret []byte
+	if cl := cfg.Cluster; cl != nil {
+		if clusterSecret, err = cl.ReadSecret(); err != nil {
+			return nil, err
+		}
+		cacheOpts = append(cacheOpts, cache.WithCluster(cache.Cluster{
+			Leases: md.Leases(), Self: cl.ReplicaID, Addr: cl.Advertise, TTL: cl.LeaseTTL,
+			Peer: proxy.PeerClient(clusterSecret, cfg.Upstream.DialTimeout),
+		}))
+		sopts = append(sopts, proxy.WithUploadKey(proxy.DeriveKey(clusterSecret, "upload ids")))
+	}
 	if cfg.Cache.Enabled {
 		reg := prometheus.NewRegistry()
-		if err := openProxyCache(c.ctx, ps, cfg, reg, log); err != nil {
+		if err := openProxyCache(c.ctx, ps, cfg, reg, log, cacheOpts...); err != nil {
 			return nil, err
 		}
 		sopts = append(sopts, proxy.WithMetricsRegistry(reg), withCachedFetcher(cfg, ps.cache, ps.records, reg, log))
+		if cfg.Cluster != nil {
+			sopts = append(sopts, proxy.WithHandler(proxy.PeerPath, proxy.PeerHandler(ps.cache, clusterSecret, log)))
+		}
+		if cfg.Cache.Driver != "" && cfg.Cache.Driver != proxy.CacheDriverFilesystem {
+			drv := ps.cache.Driver()
+			sopts = append(sopts, proxy.WithReadyCheck(proxy.ReadyCheck{Name: "cache store", Check: func(ctx context.Context) error {
+				_, err := drv.List(ctx, "/")
+				var nf storagedriver.PathNotFoundError
+				if errors.As(err, &nf) {
+					return nil // an empty bucket
+				}
+				return err
+			}}))
+		}
 	}
 	srv, err := proxy.New(cfg, store, auth, sopts...)
 	if err != nil {
@@ -301,13 +341,26 @@ func (c *cli) openServerStore(cfg proxy.Config, log *slog.Logger, opts ...secret
 // <home>/cache, or s3-aws, inmemory), the tag TTL and manifest limit of cfg,
 // metrics in reg. Each open takes its own flocked spool folder, so 'serve'
 // and 'cache warm' may share one cache.
-func openContentCache(ctx context.Context, cfg proxy.Config, home string, reg prometheus.Registerer, log *slog.Logger) (*cache.Cache, error) {
+func openContentCache(ctx context.Context, cfg proxy.Config, home string, reg prometheus.Registerer, log *slog.Logger, extra ...cache.Option) (*cache.Cache, error) {
 	m, err := cache.NewPrometheus(reg)
 	if err != nil {
 		return nil, err
 	}
-	return openCacheStore(ctx, cfg.Cache, home, log, cache.WithTagTTL(cfg.Cache.TagTTL),
-		cache.WithMaxManifestSize(int64(cfg.MaxManifestSize)), cache.WithMetrics(m), cache.WithLogger(log))
+	return openCacheStore(ctx, cfg.Cache, home, log, append([]cache.Option{cache.WithTagTTL(cfg.Cache.TagTTL),
+		cache.WithMaxManifestSize(int64(cfg.MaxManifestSize)), cache.WithMetrics(m), cache.WithLogger(log)}, extra...)...)
+}
+
+// loadSigner loads the registry-token signing keys: the cluster's shared
+// file, which must exist, or the data folder's, made on first use.
+func loadSigner(cfg proxy.Config, home string) (*proxy.Signer, error) {
+	if cfg.Cluster != nil && cfg.Cluster.SigningKeyFile != "" {
+		s, err := proxy.LoadSignerFile(cfg.Cluster.SigningKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("cluster.signing_key_file: %w", err)
+		}
+		return s, nil
+	}
+	return proxy.LoadSigner(home)
 }
 
 // withCachedFetcher puts the caching fetcher (tenant checks, coalesced
@@ -324,8 +377,8 @@ func withCachedFetcher(cfg proxy.Config, cc *cache.Cache, records cache.AccessRe
 // openProxyCache opens the content cache (openContentCache), the access
 // records (<home>/access.json) and starts the background GC when a policy
 // and an interval are set.
-func openProxyCache(ctx context.Context, ps *proxyServer, cfg proxy.Config, reg *prometheus.Registry, log *slog.Logger) error {
-	cc, err := openContentCache(ctx, cfg, ps.home, reg, log)
+func openProxyCache(ctx context.Context, ps *proxyServer, cfg proxy.Config, reg *prometheus.Registry, log *slog.Logger, extra ...cache.Option) error {
+	cc, err := openContentCache(ctx, cfg, ps.home, reg, log, extra...)
 	if err != nil {
 		return err
 	}
