@@ -23,7 +23,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/opencontainers/go-digest"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/pullsecret/pullsecret/internal/pgtest"
 	"github.com/pullsecret/pullsecret/internal/testbin"
@@ -33,33 +33,45 @@ import (
 
 const clusterCanary = "canary-cluster-pw-93e1"
 
-func TestClusterOneFetchAcrossReplicas(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary and runs three pullsecret serve processes")
-	}
-	t.Parallel()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
+// world is a cluster of `pullsecret serve` replicas and its upstream.
+type world struct {
+	ctx     context.Context
+	bin     string
+	up      *registry.Registry
+	blob    v1.Hash
+	tok     string
+	servers []*testbin.Server
+	hosts   []string
+	envs    [][]string
+	configs []string
+}
+
+const size = 16 << 20
+
+// startCluster starts n replicas in front of an upstream that trickles a
+// 16 MiB blob out, 256 KiB per step.
+func startCluster(t *testing.T, ctx context.Context, n int, step time.Duration) *world {
+	t.Helper()
+	w := &world{ctx: ctx}
 	pgtest.Shared(t)
 	dsn := pgtest.DSN(t)
 	bin := testbin.Build(t, "pullsecret")
 
 	// The blob trickles out, so that every client arrives mid-fill.
 	slow := func(next http.Handler) http.Handler {
-		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		return http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
 			if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:") {
-				next.ServeHTTP(&trickle{ResponseWriter: w}, r)
+				next.ServeHTTP(&trickle{ResponseWriter: rw, step: step}, r)
 				return
 			}
-			next.ServeHTTP(w, r)
+			next.ServeHTTP(rw, r)
 		})
 	}
 	up, err := registry.Start(ctx, registry.WithHTPasswd(map[string]string{"bot": clusterCanary}), registry.WithHandlerWrapper(slow))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer up.Close()
-	const size = 16 << 20
+	t.Cleanup(func() { _ = up.Close() })
 	blob, err := up.SeedBlob(ctx, "team/app", size, registry.RandSeed(3))
 	if err != nil {
 		t.Fatal(err)
@@ -120,11 +132,28 @@ func TestClusterOneFetchAcrossReplicas(t *testing.T) {
 			}
 		}
 	})
-	for i := range 3 {
+	for i := range n {
 		host := fmt.Sprintf("127.0.0.1:%d", testbin.FreePort(t))
 		env := []string{"PULLSECRET_HOME=" + filepath.Join(dir, fmt.Sprintf("home%d", i)), "PULLSECRET_KEY_FILE=" + keyFile}
-		servers = append(servers, testbin.ServeAt(t, bin, host, env, config("http://"+host, fmt.Sprintf("replica-%d", i+1))))
+		cfg := config("http://"+host, fmt.Sprintf("replica-%d", i+1))
+		servers = append(servers, testbin.ServeAt(t, bin, host, env, cfg))
+		w.hosts, w.envs, w.configs = append(w.hosts, host), append(w.envs, env), append(w.configs, cfg)
 	}
+
+	w.bin, w.up, w.blob, w.tok, w.servers = bin, up, blob, tok, servers
+	return w
+}
+
+func TestClusterOneFetchAcrossReplicas(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary and runs three pullsecret serve processes")
+	}
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	w := startCluster(t, ctx, 3, 20*time.Millisecond)
+	servers, blob, tok := w.servers, w.blob, w.tok
+	up := w.up
 
 	// A registry token from replica 1 works on replica 2.
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, servers[0].URL+"/token?service=pullsecret&scope=repository:up/team/app:pull", nil)
@@ -182,14 +211,13 @@ func TestClusterOneFetchAcrossReplicas(t *testing.T) {
 	if n := up.BlobFetches(blob.String()); n != 1 {
 		t.Errorf("the upstream sent the blob %d times to three replicas, want 1", n)
 	}
-	d := digest.Digest(blob.String())
-	if _, err := os.Stat(filepath.Join(cacheRoot, "blobs", d.Algorithm().String())); err != nil {
-		t.Logf("cache layout: %v", err) // informative: the layout is the cache's business
-	}
 }
 
 // trickle writes the response in 256 KiB steps with a pause between them.
-type trickle struct{ http.ResponseWriter }
+type trickle struct {
+	http.ResponseWriter
+	step time.Duration
+}
 
 func (t *trickle) Write(p []byte) (int, error) {
 	n := 0
@@ -203,10 +231,113 @@ func (t *trickle) Write(p []byte) (int, error) {
 		if f, ok := t.ResponseWriter.(http.Flusher); ok {
 			f.Flush()
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(t.step)
 		p = p[k:]
 	}
 	return n, nil
 }
 
 func (t *trickle) ReadFrom(r io.Reader) (int64, error) { return io.Copy(struct{ io.Writer }{t}, r) }
+
+// pull GETs the blob through s with the project token and returns how many
+// bytes arrived, whether they are the whole verified blob, and the error.
+func (w *world) pull(s *testbin.Server, progress func(int64)) (int64, bool, error) {
+	req, _ := http.NewRequestWithContext(w.ctx, http.MethodGet, s.URL+"/v2/up/team/app/blobs/"+w.blob.String(), nil)
+	req.SetBasicAuth("ci", w.tok)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, false, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, false, fmt.Errorf("status %d", resp.StatusCode)
+	}
+	h := sha256.New()
+	var n int64
+	buf := make([]byte, 64<<10)
+	for {
+		k, err := resp.Body.Read(buf)
+		h.Write(buf[:k])
+		n += int64(k)
+		if progress != nil {
+			progress(n)
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return n, false, err
+		}
+	}
+	return n, n == size && fmt.Sprintf("sha256:%x", h.Sum(nil)) == w.blob.String(), nil
+}
+
+// The filler replica is killed with SIGKILL mid-fill: the client on the
+// other replica still finishes with verified bytes (its replica takes the
+// lease over and resumes from the upstream), nothing partial is ever
+// served, and the restarted replica serves the blob normally.
+func TestClusterFillerKilled(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary and runs pullsecret serve processes")
+	}
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	w := startCluster(t, ctx, 2, 40*time.Millisecond)
+	filler, other := w.servers[0], w.servers[1]
+
+	// Replica 1 starts the fill; the client on replica 2 joins once some
+	// bytes are through, so it streams from replica 1.
+	started := make(chan struct{})
+	var once sync.Once
+	go w.pull(filler, func(n int64) {
+		if n >= 1<<20 {
+			once.Do(func() { close(started) })
+		}
+	})
+	select {
+	case <-started:
+	case <-ctx.Done():
+		t.Fatal("the pull through replica 1 never got going")
+	}
+	type result struct {
+		n   int64
+		ok  bool
+		err error
+	}
+	done := make(chan result, 1)
+	joined := make(chan struct{})
+	var once2 sync.Once
+	go func() {
+		n, ok, err := w.pull(other, func(n int64) {
+			if n >= 512<<10 {
+				once2.Do(func() { close(joined) })
+			}
+		})
+		done <- result{n, ok, err}
+	}()
+	select {
+	case <-joined:
+	case <-ctx.Done():
+		t.Fatal("the pull through replica 2 never got going")
+	}
+	if n := w.up.BlobFetches(w.blob.String()); n != 0 {
+		t.Fatalf("the upstream finished %d fetches before the kill: the blob was not mid-fill", n)
+	}
+	filler.Kill(t)
+
+	r := <-done
+	if r.err != nil || !r.ok {
+		t.Fatalf("the client on replica 2 after the filler's death: %d bytes, verified %v, %v", r.n, r.ok, r.err)
+	}
+	if !strings.Contains(other.Logs(), "waiting for its lease") && !strings.Contains(other.Logs(), "peer stream broke") {
+		t.Errorf("replica 2 does not say it took over the fill:\n%s", other.Logs())
+	}
+
+	// Restarted, replica 1 serves the blob (from the shared cache).
+	restarted := testbin.ServeAt(t, w.bin, w.hosts[0], w.envs[0], w.configs[0])
+	w.servers = append(w.servers, restarted)
+	if n, ok, err := w.pull(restarted, nil); err != nil || !ok {
+		t.Fatalf("the restarted replica: %d bytes, verified %v, %v", n, ok, err)
+	}
+}
