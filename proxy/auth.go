@@ -49,6 +49,17 @@ const (
 // error="insufficient_scope" so the client fetches a token for it.
 var ErrInsufficientScope = errors.New("insufficient scope")
 
+// ErrStoreUnavailable wraps a failure of the token store itself (its
+// database down, say): the client is told 503 and to retry, not that its
+// credentials are wrong.
+var ErrStoreUnavailable = errors.New("token store unavailable")
+
+// writeUnavailable answers a request the token store could not check.
+func writeUnavailable(w http.ResponseWriter) {
+	w.Header().Set("Retry-After", "5")
+	writeAuthError(w, http.StatusServiceUnavailable, "UNAVAILABLE", "the token store is unreachable; try again shortly")
+}
+
 // RateLimitError is returned for a failed login once too many failed: the
 // answer is 429 TOOMANYREQUESTS with Retry-After.
 type RateLimitError struct {
@@ -407,7 +418,7 @@ func (a *Auth) login(r *http.Request, tok string) (TokenInfo, error) {
 	if !errors.Is(err, ErrInvalidToken) && !errors.Is(err, ErrTokenExpired) && !errors.Is(err, ErrTokenRevoked) {
 		// The store failed: not the client's fault, not counted.
 		a.log.Error("project token lookup failed", "err", err)
-		return TokenInfo{}, err
+		return TokenInfo{}, fmt.Errorf("%w: %w", ErrStoreUnavailable, err)
 	}
 	id := ""
 	key := "addr:" + a.clientAddr(r)
@@ -565,6 +576,10 @@ func (a *Auth) Challenge(w http.ResponseWriter, r *http.Request, scope string, e
 	var rl *RateLimitError
 	if errors.As(err, &rl) {
 		writeTooManyRequests(w, rl)
+		return
+	}
+	if errors.Is(err, ErrStoreUnavailable) {
+		writeUnavailable(w)
 		return
 	}
 	v := "Bearer realm=" + quoteParam(a.Realm(r)) + ",service=" + quoteParam(a.service)

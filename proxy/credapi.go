@@ -190,6 +190,8 @@ func (c *credentialAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			writeAuthError(w, http.StatusUnauthorized, "UNAUTHORIZED", "the credential API takes a project token (pst_...), not a registry token")
 		case errors.Is(err, ErrInvalidToken), errors.Is(err, ErrTokenExpired), errors.Is(err, ErrTokenRevoked):
 			writeAuthError(w, http.StatusUnauthorized, "UNAUTHORIZED", authMessage(err, ""))
+		case errors.Is(err, ErrStoreUnavailable):
+			writeUnavailable(w)
 		default:
 			writeAuthError(w, http.StatusInternalServerError, "UNKNOWN", "the token store failed; see the server log")
 		}

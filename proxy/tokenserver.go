@@ -350,6 +350,8 @@ func (a *Auth) tokenError(w http.ResponseWriter, err error) {
 		writeTooManyRequests(w, rl)
 	case errors.Is(err, ErrInvalidToken), errors.Is(err, ErrTokenExpired), errors.Is(err, ErrTokenRevoked):
 		writeAuthError(w, http.StatusUnauthorized, "UNAUTHORIZED", authMessage(err, ""))
+	case errors.Is(err, ErrStoreUnavailable):
+		writeUnavailable(w)
 	default:
 		writeAuthError(w, http.StatusInternalServerError, "UNKNOWN", "the token store failed; see the server log")
 	}

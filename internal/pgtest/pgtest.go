@@ -60,6 +60,9 @@ type Server struct {
 	User, Password string
 
 	dir  string // owned by the server's user; removed by Stop
+	bin  string
+	data string
+	as   runAs
 	out  *logBuffer
 	pid  int
 	done chan struct{} // closed once postgres has exited
@@ -329,11 +332,13 @@ func Start(bin string) (*Server, error) {
 		return fail(fmt.Errorf("initdb: %v\n%s", err, out))
 	}
 	os.Remove(pwFile)
+	s.bin, s.data, s.as = bin, data, as
 	for attempt := 0; ; attempt++ {
 		err := s.start(bin, data, as)
 		if err == nil {
 			return s, nil
 		}
+		s.Port = 0
 		// A port taken between freePort and the listen: try another.
 		if attempt == 2 || !strings.Contains(s.out.String(), "Address already in use") {
 			return fail(fmt.Errorf("%v\n%s", err, s.out.String()))
@@ -372,9 +377,13 @@ func serverEnv(dir string) []string {
 }
 
 func (s *Server) start(bin, data string, as runAs) error {
-	port, err := freePort()
-	if err != nil {
-		return err
+	port := s.Port
+	if port == 0 {
+		p, err := freePort()
+		if err != nil {
+			return err
+		}
+		port = p
 	}
 	s.Port = port
 	args := []string{"-D", data,
@@ -436,6 +445,20 @@ func (s *Server) start(bin, data string, as runAs) error {
 		}
 	}
 }
+
+// Down shuts the server down (fast shutdown) and keeps its files, for a
+// test of an outage; Up starts it again on the same port.
+func (s *Server) Down() {
+	select {
+	case <-s.done:
+	default:
+		_ = syscall.Kill(s.pid, syscall.SIGINT)
+		<-s.done
+	}
+}
+
+// Up restarts a server that Down stopped, on the same port and data.
+func (s *Server) Up() error { return s.start(s.bin, s.data, s.as) }
 
 // Stop shuts the server down (fast shutdown, then SIGKILL after 15s) and
 // removes its files.
