@@ -26,6 +26,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/pullsecret/pullsecret/internal/pgtest"
+	"github.com/pullsecret/pullsecret/internal/s3test"
 	"github.com/pullsecret/pullsecret/internal/testbin"
 	"github.com/pullsecret/pullsecret/proxy"
 	"github.com/pullsecret/pullsecret/registry"
@@ -40,21 +41,27 @@ type world struct {
 	up      *registry.Registry
 	blob    v1.Hash
 	tok     string
+	size    int64
+	dsn     string
+	s3      *s3test.Server
 	servers []*testbin.Server
 	hosts   []string
 	envs    [][]string
 	configs []string
 }
 
-const size = 16 << 20
+// s3SecretEnv names the variable the replicas read the S3 secret key from.
+const s3SecretEnv = "PULLSECRET_TEST_S3_SECRET"
 
-// startCluster starts n replicas in front of an upstream that trickles a
-// 16 MiB blob out, 256 KiB per step.
-func startCluster(t *testing.T, ctx context.Context, n int, step time.Duration) *world {
+// startCluster starts n replicas, their cache on one versitygw bucket and
+// their metadata in one PostgreSQL database, in front of an upstream that
+// trickles a blob of size bytes out, 256 KiB per step.
+func startCluster(t *testing.T, ctx context.Context, n int, size int64, step time.Duration) *world {
 	t.Helper()
-	w := &world{ctx: ctx}
+	w := &world{ctx: ctx, size: size, s3: s3test.Start(t)}
 	pgtest.Shared(t)
 	dsn := pgtest.DSN(t)
+	w.dsn = dsn
 	bin := testbin.Build(t, "pullsecret")
 
 	// The blob trickles out, so that every client arrives mid-fill.
@@ -94,19 +101,21 @@ func startCluster(t *testing.T, ctx context.Context, n int, step time.Duration) 
 		t.Fatal(err)
 	}
 	signingFile := filepath.Join(dir, "signing", proxy.SigningKeysFile)
-	cacheRoot := filepath.Join(dir, "cache")
+	p := w.s3.Parameters()
 
 	config := func(advertise, id string) string {
 		return fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\n"+
-			"metadata: {driver: postgres, dsn_file: %s}\ncache: {root: %s}\n"+
+			"metadata: {driver: postgres, dsn_file: %s}\n"+
+			"cache: {driver: s3-aws, spool_dir: %s, parameters: {bucket: %s, region: %s, regionendpoint: %s, forcepathstyle: true, accesskey: %s, secretkey: '${%s}'}}\n"+
 			"cluster: {replica_id: %s, advertise: %q, secret_file: %s, signing_key_file: %s, lease_ttl: 2s}\n",
-			up.Host(), dsnFile, cacheRoot, id, advertise, secretFile, signingFile)
+			up.Host(), dsnFile, filepath.Join(dir, "spool-"+id), p["bucket"], p["region"], p["regionendpoint"], p["accesskey"], s3SecretEnv,
+			id, advertise, secretFile, signingFile)
 	}
 	cli := func(stdin string, args ...string) string {
 		t.Helper()
 		cmd := exec.CommandContext(ctx, filepath.Join(bin, "pullsecret"), args...)
 		cmd.Env = []string{"PATH=" + os.Getenv("PATH"), "HOME=" + dir, "PULLSECRET_HOME=" + filepath.Join(dir, "cli"),
-			"PULLSECRET_KEY_FILE=" + keyFile, "PULLSECRET_CONFIG=" + write("cli.yaml", config("http://127.0.0.1:1", "cli"))}
+			"PULLSECRET_KEY_FILE=" + keyFile, s3SecretEnv + "=" + w.s3.SecretKey, "PULLSECRET_CONFIG=" + write("cli.yaml", config("http://127.0.0.1:1", "cli"))}
 		cmd.Stdin = strings.NewReader(stdin)
 		var out, errb bytes.Buffer
 		cmd.Stdout, cmd.Stderr = &out, &errb
@@ -124,7 +133,7 @@ func startCluster(t *testing.T, ctx context.Context, n int, step time.Duration) 
 	var servers []*testbin.Server
 	t.Cleanup(func() {
 		for i, s := range servers {
-			if strings.Contains(s.Logs(), clusterCanary) || strings.Contains(s.Logs(), tok) {
+			if strings.Contains(s.Logs(), clusterCanary) || strings.Contains(s.Logs(), tok) || strings.Contains(s.Logs(), w.s3.SecretKey) {
 				t.Errorf("replica %d logged a credential", i+1)
 			}
 			if t.Failed() {
@@ -134,7 +143,8 @@ func startCluster(t *testing.T, ctx context.Context, n int, step time.Duration) 
 	})
 	for i := range n {
 		host := fmt.Sprintf("127.0.0.1:%d", testbin.FreePort(t))
-		env := []string{"PULLSECRET_HOME=" + filepath.Join(dir, fmt.Sprintf("home%d", i)), "PULLSECRET_KEY_FILE=" + keyFile}
+		env := []string{"PULLSECRET_HOME=" + filepath.Join(dir, fmt.Sprintf("home%d", i)), "PULLSECRET_KEY_FILE=" + keyFile,
+			s3SecretEnv + "=" + w.s3.SecretKey}
 		cfg := config("http://"+host, fmt.Sprintf("replica-%d", i+1))
 		servers = append(servers, testbin.ServeAt(t, bin, host, env, cfg))
 		w.hosts, w.envs, w.configs = append(w.hosts, host), append(w.envs, env), append(w.configs, cfg)
@@ -151,7 +161,7 @@ func TestClusterOneFetchAcrossReplicas(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	w := startCluster(t, ctx, 3, 20*time.Millisecond)
+	w := startCluster(t, ctx, 3, 64<<20, 5*time.Millisecond)
 	servers, blob, tok := w.servers, w.blob, w.tok
 	up := w.up
 
@@ -177,8 +187,8 @@ func TestClusterOneFetchAcrossReplicas(t *testing.T) {
 	}
 	resp.Body.Close()
 
-	// 12 concurrent cold pulls, round-robin over the replicas.
-	const clients = 12
+	// 30 concurrent cold pulls, round-robin over the replicas.
+	const clients = 30
 	var wg sync.WaitGroup
 	errs := make(chan error, clients)
 	for i := range clients {
@@ -195,7 +205,7 @@ func TestClusterOneFetchAcrossReplicas(t *testing.T) {
 			defer resp.Body.Close()
 			h := sha256.New()
 			n, err := io.Copy(h, resp.Body)
-			if err == nil && (resp.StatusCode != http.StatusOK || n != size || "sha256:"+fmt.Sprintf("%x", h.Sum(nil)) != blob.String()) {
+			if err == nil && (resp.StatusCode != http.StatusOK || n != w.size || "sha256:"+fmt.Sprintf("%x", h.Sum(nil)) != blob.String()) {
 				err = fmt.Errorf("client %d via replica %d: status %d, %d bytes, digest %x", i, i%3+1, resp.StatusCode, n, h.Sum(nil))
 			}
 			errs <- err
@@ -210,6 +220,32 @@ func TestClusterOneFetchAcrossReplicas(t *testing.T) {
 	}
 	if n := up.BlobFetches(blob.String()); n != 1 {
 		t.Errorf("the upstream sent the blob %d times to three replicas, want 1", n)
+	}
+
+	// The audit trail, in the database: each of the 30 pulls once, allowed,
+	// for acme, by the token's id, from the replica that served it.
+	db := open(t, w.dsn)
+	tokID := tok[len("pst_") : len("pst_")+16]
+	var pulls, replicas int
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		err := db.pool.QueryRow(ctx, `SELECT count(*), count(DISTINCT event->>'replica') FROM audit_events
+			WHERE project = 'acme' AND decision = 'allowed' AND event->>'action' = 'pull'
+			AND event->>'digest' = $1 AND event->>'token_id' = $2 AND event->>'via' = 'proxy'`,
+			blob.String(), tokID).Scan(&pulls, &replicas)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if pulls >= clients || time.Now().After(deadline) {
+			break
+		}
+	}
+	if pulls != clients || replicas != 3 {
+		t.Errorf("audit: %d allowed pulls of the blob from %d replicas, want %d from 3", pulls, replicas, clients)
+	}
+	var leaks int
+	if err := db.pool.QueryRow(ctx, `SELECT count(*) FROM audit_events WHERE event::text LIKE '%' || $1 || '%' OR event::text LIKE '%' || $2 || '%'`,
+		tok, clusterCanary).Scan(&leaks); err != nil || leaks != 0 {
+		t.Errorf("audit records holding the token or the password: %d (%v)", leaks, err)
 	}
 }
 
@@ -269,7 +305,7 @@ func (w *world) pull(s *testbin.Server, progress func(int64)) (int64, bool, erro
 			return n, false, err
 		}
 	}
-	return n, n == size && fmt.Sprintf("sha256:%x", h.Sum(nil)) == w.blob.String(), nil
+	return n, n == w.size && fmt.Sprintf("sha256:%x", h.Sum(nil)) == w.blob.String(), nil
 }
 
 // The filler replica is killed with SIGKILL mid-fill: the client on the
@@ -283,7 +319,7 @@ func TestClusterFillerKilled(t *testing.T) {
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	w := startCluster(t, ctx, 2, 40*time.Millisecond)
+	w := startCluster(t, ctx, 2, 16<<20, 40*time.Millisecond)
 	filler, other := w.servers[0], w.servers[1]
 
 	// Replica 1 starts the fill; the client on replica 2 joins once some
