@@ -162,11 +162,25 @@ func Start(t testing.TB, opts ...Option) *Server {
 		}
 		s.out = &logBuffer{}
 		s.done = make(chan struct{})
+		s.Endpoint = ""
+	}
+}
+
+// Restart starts a stopped server again on the same address and folder:
+// the end of an outage.
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	s.done = make(chan struct{})
+	if err := s.start(t, Require(t)); err != nil {
+		t.Fatalf("s3test: restart: %v\n%s", err, s.out.String())
 	}
 }
 
 func (s *Server) start(t testing.TB, bin string) error {
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	addr := strings.TrimPrefix(s.Endpoint, "http://")
+	if addr == "" {
+		addr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	}
 	s.Endpoint = "http://" + addr
 	// The keys go through the environment, not the command line that ps
 	// shows. --quiet: no line per request.
