@@ -46,7 +46,9 @@ Flags:
   --denied              only refused requests
   --limit N             only the N most recent matching events (default: all)
   -o, --output FORMAT   table (default) or json (one JSON object per line)
-  --config FILE         the server's config file (for audit.path and home)
+  --config FILE         the server's config file (default: $PULLSECRET_CONFIG):
+                        its audit.path and home, or with metadata driver
+                        postgres the database's audit table
   --home DIR            data folder (default: $PULLSECRET_HOME)
 `
 
@@ -85,6 +87,9 @@ func (c *cli) audit(args []string) error {
 		}
 	}
 	cfg := proxy.DefaultConfig()
+	if cfgFile == "" {
+		cfgFile = c.getenv("PULLSECRET_CONFIG")
+	}
 	if cfgFile != "" {
 		if cfg, err = proxy.LoadConfig(cfgFile); err != nil {
 			return err
@@ -112,8 +117,21 @@ func (c *cli) audit(args []string) error {
 	return writeAuditTable(c.stdout, events)
 }
 
-// queryAudit reads the trail the server configured by cfg records.
+// queryAudit reads the trail the server configured by cfg records: the
+// database's audit table with metadata driver postgres, else the file.
 func (c *cli) queryAudit(cfg proxy.Config, flt audit.Filter) ([]audit.Event, error) {
+	if cfg.Metadata.Driver == proxy.MetadataPostgres {
+		if !cfg.Audit.Enabled {
+			return nil, errors.New("the audit trail is disabled in this configuration (audit.enabled: false)")
+		}
+		db, err := c.commandMetadata(cfg)
+		if err != nil {
+			return nil, err
+		}
+		a := db.OpenAuditLog()
+		defer a.Close()
+		return a.Query(c.ctx, flt)
+	}
 	path, err := c.auditPath(cfg)
 	if err != nil {
 		return nil, err

@@ -150,7 +150,11 @@ func (c *cli) cacheWarm(args []string) (err error) {
 		show = &lineShow{w: c.stdout}
 	}
 	log := proxy.NewLogger(show.logWriter(c.stderr), proxy.LogConfig{Level: logLevel, Format: cfg.Log.Format})
-	home, store, err := c.openServerStore(cfg, log)
+	db, err := c.commandMetadata(cfg)
+	if err != nil {
+		return err
+	}
+	home, store, err := c.openServerStore(cfg, log, metadataStoreOptions(db)...)
 	if err != nil {
 		return err
 	}
@@ -160,6 +164,9 @@ func (c *cli) cacheWarm(args []string) (err error) {
 	w, err := c.newWarmer(cfg, home, store, project, specs, show, log)
 	if err != nil {
 		return err
+	}
+	if db != nil {
+		w.access = db.AccessRecords()
 	}
 	defer func() {
 		if cerr := w.close(); cerr != nil && err == nil {
@@ -380,8 +387,21 @@ func (r *warmRecords) Revoke(ctx context.Context, k cache.AccessKey) error {
 	return r.MemoryAccessRecords.Revoke(ctx, k)
 }
 
+// accessStore is where persist merges the changes: the access records
+// file, or the metadata database's.
+type accessStore interface {
+	Record(ctx context.Context, k cache.AccessKey, at time.Time) error
+	Revoke(ctx context.Context, k cache.AccessKey) error
+}
+
 // persist merges the changes into the access records file.
 func (r *warmRecords) persist(path string) error {
+	return r.persistTo(context.Background(), nil, path)
+}
+
+// persistTo merges the changes into the access records of db when it is
+// not nil (metadata driver postgres), else into the file at path.
+func (r *warmRecords) persistTo(ctx context.Context, db accessStore, path string) error {
 	r.mu.Lock()
 	changes := r.changes
 	r.changes = map[cache.AccessKey]accessChange{}
@@ -389,26 +409,33 @@ func (r *warmRecords) persist(path string) error {
 	if len(changes) == 0 {
 		return nil
 	}
+	merge := func(m accessStore) (err error) {
+		for k, ch := range changes {
+			if ch.revoke {
+				err = errors.Join(err, m.Revoke(ctx, k))
+			} else {
+				err = errors.Join(err, m.Record(ctx, k, ch.at))
+			}
+		}
+		return err
+	}
+	if db != nil {
+		return merge(db)
+	}
 	m, err := cache.OpenAccessRecords(path)
 	if err != nil {
 		return err
 	}
-	ctx := context.Background()
-	for k, ch := range changes {
-		if ch.revoke {
-			err = errors.Join(err, m.Revoke(ctx, k))
-		} else {
-			err = errors.Join(err, m.Record(ctx, k, ch.at))
-		}
-	}
-	return errors.Join(err, m.Close())
+	return errors.Join(merge(m), m.Close())
 }
 
 // warmer is the in-process proxy and its client.
 type warmer struct {
-	home        string
-	cache       *cache.Cache
-	records     *warmRecords
+	home    string
+	cache   *cache.Cache
+	records *warmRecords
+	// access is the metadata database's access records (nil: access.json).
+	access      accessStore
 	client      *http.Client
 	maxManifest int64
 	platforms   []v1.Platform
@@ -468,7 +495,7 @@ func (c *cli) newWarmer(cfg proxy.Config, home string, store *secret.Store, proj
 func (w *warmer) close() error {
 	err := w.stopServer()
 	err = errors.Join(err, w.cache.Close())
-	if perr := w.records.persist(filepath.Join(w.home, "access.json")); perr != nil {
+	if perr := w.records.persistTo(context.Background(), w.access, filepath.Join(w.home, "access.json")); perr != nil {
 		err = errors.Join(err, fmt.Errorf("access records: %w", perr))
 	}
 	return err

@@ -286,11 +286,11 @@ func (c *cli) pullToken(file string, store *secret.Store, plan *spec.Plan) (tok 
 	if t := strings.TrimSpace(c.getenv("PULLSECRET_TOKEN")); t != "" {
 		return t, done, nil
 	}
-	if b, err := proxy.NewFileTokenBackend(store.Home(), nil); err == nil && fileExists(b.Path()) {
-		ts, err := proxy.NewTokenStore(store.Home(), proxy.WithTokenBackend(b))
-		if err != nil {
-			return "", done, err
-		}
+	ts, err := c.pullTokenStore(store)
+	if err != nil {
+		return "", done, err
+	}
+	if ts != nil {
 		repo := plan.Pull.Upstream + "/" + plan.Pull.Repository
 		tok, exp, err := ts.IssuePullToken(c.ctx, plan.Project, repo, pullTokenTTL)
 		if err != nil {
@@ -307,6 +307,30 @@ func (c *cli) pullToken(file string, store *secret.Store, plan *spec.Plan) (tok 
 		return tok, done, nil
 	}
 	return "", done, errors.New("--via proxy needs a project pull token: --token-file FILE, PULLSECRET_TOKEN_FILE or PULLSECRET_TOKEN (pullsecret token create --project P --scope pull --ttl 15m)")
+}
+
+// pullTokenStore is the server's token store when this machine reaches
+// it: the metadata database of $PULLSECRET_CONFIG (metadata driver
+// postgres), else tokens.json in the data folder; nil when neither.
+func (c *cli) pullTokenStore(store *secret.Store) (*proxy.TokenStore, error) {
+	cfg, ok, err := c.commandConfig(nil)
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		db, err := c.commandMetadata(cfg)
+		if err != nil {
+			return nil, err
+		}
+		if db != nil {
+			return proxy.NewTokenStore("", metadataTokenOptions(db)...)
+		}
+	}
+	b, err := proxy.NewFileTokenBackend(store.Home(), nil)
+	if err != nil || !fileExists(b.Path()) {
+		return nil, nil
+	}
+	return proxy.NewTokenStore(store.Home(), proxy.WithTokenBackend(b))
 }
 
 // printPlan prints the plans for people. The pull plan is left out after a
