@@ -32,7 +32,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"sync"
 	"time"
 )
 
@@ -44,6 +43,9 @@ const (
 	DefaultQueueSize = 8192
 	// maxBatch bounds one write: whole lines up to this many bytes.
 	maxBatch = 64 << 10
+	// queueBatch is how many events the writer takes from the queue at a
+	// time (written maxBatch bytes per write(2)).
+	queueBatch = 1024
 	// maxLine is the longest line readers accept; longer ones are skipped.
 	maxLine = 1 << 20
 	// reopenCheck is how often the writer checks that the path still names
@@ -57,30 +59,19 @@ var ErrClosed = errors.New("audit: log closed")
 // File is a Log kept as JSON lines in one file. Its methods are safe for
 // concurrent use.
 type File struct {
-	path  string
-	log   *slog.Logger
-	now   func() time.Time
-	queue chan item
-
-	// mu guards closed against sends on queue: Record sends under the
-	// read lock, Close takes the write lock before closing the channel.
-	mu     sync.RWMutex
-	closed bool
-	done   chan struct{}
+	path      string
+	log       *slog.Logger
+	now       func() time.Time
+	queueSize int
+	q         *Queue
 
 	reopenEvery time.Duration
 
 	// Owned by the writer goroutine.
-	f        *os.File
-	checked  time.Time
-	closeErr error
-}
-
-// item is an event to write, or (flush != nil) a request to report once
-// everything queued before it is written.
-type item struct {
-	e     Event
-	flush chan error
+	f       *os.File
+	checked time.Time
+	buf     []byte
+	lost    int // events lost since the last report
 }
 
 // FileOption configures OpenFile.
@@ -101,7 +92,7 @@ func WithLogger(l *slog.Logger) FileOption {
 func WithQueueSize(n int) FileOption {
 	return func(f *File) {
 		if n > 0 {
-			f.queue = make(chan item, n)
+			f.queueSize = n
 		}
 	}
 }
@@ -114,12 +105,9 @@ func WithClock(now func() time.Time) FileOption {
 // OpenFile opens (creating it, mode 0600, and its folder, 0700) the audit
 // log at path for appending, and starts its writer. Close it to flush.
 func OpenFile(path string, opts ...FileOption) (*File, error) {
-	f := &File{path: path, log: slog.New(slog.DiscardHandler), now: time.Now, reopenEvery: reopenCheck, done: make(chan struct{})}
+	f := &File{path: path, log: slog.New(slog.DiscardHandler), now: time.Now, reopenEvery: reopenCheck, queueSize: DefaultQueueSize}
 	for _, o := range opts {
 		o(f)
-	}
-	if f.queue == nil {
-		f.queue = make(chan item, DefaultQueueSize)
 	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("audit log: %w", err)
@@ -129,7 +117,7 @@ func OpenFile(path string, opts ...FileOption) (*File, error) {
 		return nil, err
 	}
 	f.f, f.checked = fh, time.Now()
-	go f.run()
+	f.q = NewQueue(f.queueSize, queueBatch, f.writeEvents)
 	return f, nil
 }
 
@@ -195,42 +183,12 @@ func (f *File) Record(ctx context.Context, e Event) error {
 		e.Time = f.now()
 	}
 	e.Time = e.Time.UTC()
-	return f.send(ctx, item{e: e})
-}
-
-func (f *File) send(ctx context.Context, it item) error {
-	f.mu.RLock()
-	defer f.mu.RUnlock()
-	if f.closed {
-		return ErrClosed
-	}
-	select {
-	case f.queue <- it:
-		return nil
-	default:
-	}
-	select {
-	case f.queue <- it:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("audit: queue full, event dropped: %w", ctx.Err())
-	}
+	return f.q.Send(ctx, e)
 }
 
 // Flush waits until every event recorded before it is written, and
 // reports the first write failure since the previous Flush.
-func (f *File) Flush(ctx context.Context) error {
-	done := make(chan error, 1)
-	if err := f.send(ctx, item{flush: done}); err != nil {
-		return err
-	}
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+func (f *File) Flush(ctx context.Context) error { return f.q.Flush(ctx) }
 
 // Query flushes what this process recorded, then reads the file.
 func (f *File) Query(ctx context.Context, flt Filter) ([]Event, error) {
@@ -244,92 +202,54 @@ func (f *File) Query(ctx context.Context, flt Filter) ([]Event, error) {
 // Close writes everything queued, syncs the file and closes it. Records
 // after Close fail with ErrClosed.
 func (f *File) Close() error {
-	f.mu.Lock()
-	if f.closed {
-		f.mu.Unlock()
-		<-f.done
+	if !f.q.Close() {
 		return nil
-	}
-	f.closed = true
-	close(f.queue)
-	f.mu.Unlock()
-	<-f.done
-	return f.closeErr
-}
-
-// run is the writer: it takes what is queued, as much as fits in one
-// batch, and writes it with one write(2).
-func (f *File) run() {
-	defer close(f.done)
-	var (
-		buf     []byte
-		waiters []chan error
-		failed  error // first write failure since the last flush reply
-		lost    int   // events lost since the last report
-	)
-	for {
-		it, ok := <-f.queue
-		if !ok {
-			break
-		}
-		buf, waiters = buf[:0], waiters[:0]
-		n := 0
-		add := func(it item) {
-			if it.flush != nil {
-				waiters = append(waiters, it.flush)
-				return
-			}
-			b, err := json.Marshal(it.e)
-			if err != nil { // cannot happen: Event holds strings, a time and ints
-				f.log.Error("audit: event not encodable", "err", err)
-				return
-			}
-			buf = append(append(buf, b...), '\n')
-			n++
-		}
-		add(it)
-		open := true
-	drain:
-		for len(buf) < maxBatch {
-			select {
-			case it, ok := <-f.queue:
-				if !ok {
-					open = false
-					break drain
-				}
-				add(it)
-			default:
-				break drain
-			}
-		}
-		if len(buf) > 0 {
-			if err := f.write(buf); err != nil {
-				lost += n
-				if failed == nil {
-					failed = err
-				}
-				f.log.Error("audit: write failed; events lost", "path", f.path, "events", lost, "err", err)
-			} else {
-				lost = 0
-			}
-		}
-		for _, w := range waiters {
-			w <- failed
-		}
-		if len(waiters) > 0 {
-			failed = nil
-		}
-		if !open {
-			break
-		}
 	}
 	err := f.f.Sync()
 	if cerr := f.f.Close(); err == nil {
 		err = cerr
 	}
 	if err != nil {
-		f.closeErr = fmt.Errorf("audit log %s: %w", f.path, err)
+		return fmt.Errorf("audit log %s: %w", f.path, err)
 	}
+	return nil
+}
+
+// writeEvents is the queue's writer: the batch as JSON lines, whole lines
+// up to maxBatch bytes per write(2).
+func (f *File) writeEvents(batch []Event) error {
+	var failed error
+	flush := func(n int) {
+		if len(f.buf) == 0 {
+			return
+		}
+		if err := f.write(f.buf); err != nil {
+			f.lost += n
+			if failed == nil {
+				failed = err
+			}
+			f.log.Error("audit: write failed; events lost", "path", f.path, "events", f.lost, "err", err)
+		} else {
+			f.lost = 0
+		}
+		f.buf = f.buf[:0]
+	}
+	n := 0
+	for _, e := range batch {
+		b, err := json.Marshal(e)
+		if err != nil { // cannot happen: Event holds strings, a time and ints
+			f.log.Error("audit: event not encodable", "err", err)
+			continue
+		}
+		f.buf = append(append(f.buf, b...), '\n')
+		n++
+		if len(f.buf) >= maxBatch {
+			flush(n)
+			n = 0
+		}
+	}
+	flush(n)
+	return failed
 }
 
 // write appends buf (whole lines) with one write(2), reopening the file

@@ -383,7 +383,7 @@ func TestRecordWaitsForRoomUntilContextEnds(t *testing.T) {
 	f := openTemp(t, WithQueueSize(1))
 	// Stall the writer: it blocks handing a flush result to nobody.
 	block := make(chan error)
-	if err := f.send(context.Background(), item{flush: block}); err != nil {
+	if err := f.q.send(context.Background(), item{flush: block}); err != nil {
 		t.Fatal(err)
 	}
 	// Once the writer is stuck, one event fills the queue and the next

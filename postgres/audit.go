@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -36,23 +35,13 @@ var auditRetries = []time.Duration{200 * time.Millisecond, time.Second}
 // batches (COPY), so a request never waits for the database; Query first
 // writes what this process queued. Times are kept to the microsecond.
 type AuditLog struct {
-	db    *DB
-	queue chan auditItem
-
-	// mu guards closed against sends on queue: Record sends under the
-	// read lock, Close takes the write lock before closing the channel.
-	mu     sync.RWMutex
-	closed bool
-	done   chan struct{}
+	db        *DB
+	queueSize int
+	q         *audit.Queue
 	// ctx is the writer's; Close cancels it when the last writes take
 	// longer than auditCloseTimeout.
 	ctx    context.Context
 	cancel context.CancelFunc
-}
-
-type auditItem struct {
-	e     audit.Event
-	flush chan error
 }
 
 var _ audit.Log = (*AuditLog)(nil)
@@ -66,7 +55,7 @@ type AuditOption func(*AuditLog)
 func WithAuditQueueSize(n int) AuditOption {
 	return func(a *AuditLog) {
 		if n > 0 {
-			a.queue = make(chan auditItem, n)
+			a.queueSize = n
 		}
 	}
 }
@@ -74,15 +63,12 @@ func WithAuditQueueSize(n int) AuditOption {
 // OpenAuditLog starts the audit trail's writer. Close it to write what is
 // queued.
 func (db *DB) OpenAuditLog(opts ...AuditOption) *AuditLog {
-	a := &AuditLog{db: db, done: make(chan struct{})}
+	a := &AuditLog{db: db, queueSize: DefaultAuditQueueSize}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	for _, o := range opts {
 		o(a)
 	}
-	if a.queue == nil {
-		a.queue = make(chan auditItem, DefaultAuditQueueSize)
-	}
-	go a.run()
+	a.q = audit.NewQueue(a.queueSize, auditBatch, a.writeBatch)
 	return a
 }
 
@@ -93,42 +79,12 @@ func (a *AuditLog) Record(ctx context.Context, e audit.Event) error {
 		e.Time = a.db.now()
 	}
 	e.Time = e.Time.UTC().Truncate(time.Microsecond)
-	return a.send(ctx, auditItem{e: e})
-}
-
-func (a *AuditLog) send(ctx context.Context, it auditItem) error {
-	a.mu.RLock()
-	defer a.mu.RUnlock()
-	if a.closed {
-		return audit.ErrClosed
-	}
-	select {
-	case a.queue <- it:
-		return nil
-	default:
-	}
-	select {
-	case a.queue <- it:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("audit: queue full, event dropped: %w", ctx.Err())
-	}
+	return a.q.Send(ctx, e)
 }
 
 // Flush waits until every event recorded before it is written, and
 // reports the first write failure since the previous Flush.
-func (a *AuditLog) Flush(ctx context.Context) error {
-	done := make(chan error, 1)
-	if err := a.send(ctx, auditItem{flush: done}); err != nil {
-		return err
-	}
-	select {
-	case err := <-done:
-		return err
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+func (a *AuditLog) Flush(ctx context.Context) error { return a.q.Flush(ctx) }
 
 // Query implements audit.Log: the events this process recorded are
 // written first, then the table is read (oldest first; with a Limit, the
@@ -194,73 +150,20 @@ func (a *AuditLog) Query(ctx context.Context, f audit.Filter) ([]audit.Event, er
 // does not answer) and stops the writer. Records after Close fail with
 // audit.ErrClosed.
 func (a *AuditLog) Close() error {
-	a.mu.Lock()
-	if a.closed {
-		a.mu.Unlock()
-		<-a.done
-		return nil
-	}
-	a.closed = true
-	close(a.queue)
-	a.mu.Unlock()
 	t := time.AfterFunc(auditCloseTimeout, a.cancel)
-	<-a.done
+	a.q.Close()
 	t.Stop()
 	a.cancel()
 	return nil
 }
 
-// run is the writer: it takes what is queued, up to a batch, and writes it
-// with one COPY.
-func (a *AuditLog) run() {
-	defer close(a.done)
-	var (
-		batch   []audit.Event
-		waiters []chan error
-		failed  error // first write failure since the last flush reply
-	)
-	for open := true; open; {
-		it, ok := <-a.queue
-		if !ok {
-			break
-		}
-		batch, waiters = batch[:0], waiters[:0]
-		add := func(it auditItem) {
-			if it.flush != nil {
-				waiters = append(waiters, it.flush)
-			} else {
-				batch = append(batch, it.e)
-			}
-		}
-		add(it)
-	drain:
-		for len(batch) < auditBatch {
-			select {
-			case it, ok := <-a.queue:
-				if !ok {
-					open = false
-					break drain
-				}
-				add(it)
-			default:
-				break drain
-			}
-		}
-		if len(batch) > 0 {
-			if err := a.write(a.ctx, batch); err != nil {
-				if failed == nil {
-					failed = err
-				}
-				a.db.log.Error("audit: write to the database failed; events lost", "events", len(batch), "err", err)
-			}
-		}
-		for _, w := range waiters {
-			w <- failed
-		}
-		if len(waiters) > 0 {
-			failed = nil
-		}
+// writeBatch is the queue's writer: one COPY per batch.
+func (a *AuditLog) writeBatch(batch []audit.Event) error {
+	err := a.write(a.ctx, batch)
+	if err != nil {
+		a.db.log.Error("audit: write to the database failed; events lost", "events", len(batch), "err", err)
 	}
+	return err
 }
 
 // write copies batch into the table, trying again after a pause or two.
