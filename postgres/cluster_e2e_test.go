@@ -93,14 +93,12 @@ func startCluster(t *testing.T, ctx context.Context, n int, size int64, step tim
 		return p
 	}
 	dsnFile := write("dsn", dsn)
-	secretFile := write("cluster-secret", "a-cluster-secret-of-at-least-32-bytes-0123456789")
-	keyFile := filepath.Join(dir, "master.key")
-	// The shared signing keys, made once (as an operator does before the
-	// first rollout) and mounted by every replica.
-	if _, err := proxy.LoadSigner(filepath.Join(dir, "signing")); err != nil {
-		t.Fatal(err)
-	}
-	signingFile := filepath.Join(dir, "signing", proxy.SigningKeysFile)
+	// The files every replica shares, made once by `pullsecret cluster
+	// init` (below) as an operator does before the first rollout.
+	shared := filepath.Join(dir, "shared")
+	secretFile := filepath.Join(shared, "cluster-secret")
+	keyFile := filepath.Join(shared, "key")
+	signingFile := filepath.Join(shared, proxy.SigningKeysFile)
 	p := w.s3.Parameters()
 
 	config := func(advertise, id string) string {
@@ -127,6 +125,7 @@ func startCluster(t *testing.T, ctx context.Context, n int, size int64, step tim
 		}
 		return out.String()
 	}
+	cli("", "cluster", "init", shared)
 	cli(clusterCanary+"\n", "secret", "create", "up", "--registry", up.Host(), "--username", "bot", "--password-stdin", "--project", "acme")
 	tok := strings.TrimSpace(cli("", "token", "create", "--project", "acme", "--scope", "pull"))
 
@@ -375,5 +374,70 @@ func TestClusterFillerKilled(t *testing.T) {
 	w.servers = append(w.servers, restarted)
 	if n, ok, err := w.pull(restarted, nil); err != nil || !ok {
 		t.Fatalf("the restarted replica: %d bytes, verified %v, %v", n, ok, err)
+	}
+}
+
+// The filler replica is stopped as Kubernetes stops a pod (SIGTERM)
+// mid-fill: it drains instead of dying. Its own client and the client
+// streaming through the other replica both finish with verified bytes from
+// the one upstream fetch (no lease takeover), and it exits cleanly.
+func TestClusterFillerTerminated(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binary and runs pullsecret serve processes")
+	}
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	w := startCluster(t, ctx, 2, 16<<20, 40*time.Millisecond)
+	filler, other := w.servers[0], w.servers[1]
+
+	type result struct {
+		n   int64
+		ok  bool
+		err error
+	}
+	pull := func(s *testbin.Server, at int64) (<-chan result, <-chan struct{}) {
+		done, going := make(chan result, 1), make(chan struct{})
+		var once sync.Once
+		go func() {
+			n, ok, err := w.pull(s, func(n int64) {
+				if n >= at {
+					once.Do(func() { close(going) })
+				}
+			})
+			done <- result{n, ok, err}
+		}()
+		return done, going
+	}
+	first, going := pull(filler, 1<<20)
+	select {
+	case <-going:
+	case <-ctx.Done():
+		t.Fatal("the pull through replica 1 never got going")
+	}
+	second, joined := pull(other, 512<<10)
+	select {
+	case <-joined:
+	case <-ctx.Done():
+		t.Fatal("the pull through replica 2 never got going")
+	}
+	if n := w.up.BlobFetches(w.blob.String()); n != 0 {
+		t.Fatalf("the upstream finished %d fetches before SIGTERM: the blob was not mid-fill", n)
+	}
+	filler.Terminate(t)
+
+	for i, ch := range []<-chan result{first, second} {
+		if r := <-ch; r.err != nil || !r.ok {
+			t.Errorf("the client on replica %d across the filler's shutdown: %d bytes, verified %v, %v", i+1, r.n, r.ok, r.err)
+		}
+	}
+	if err := filler.Wait(t, 60*time.Second); err != nil {
+		t.Errorf("the filler exited with %v:\n%s", err, filler.Logs())
+	}
+	if n := w.up.BlobFetches(w.blob.String()); n != 1 {
+		t.Errorf("upstream fetches of the blob: %d, want 1 (a drain needs no takeover)", n)
+	}
+	if strings.Contains(other.Logs(), "peer stream broke") {
+		t.Errorf("replica 2 lost the peer stream during a graceful shutdown:\n%s", other.Logs())
 	}
 }

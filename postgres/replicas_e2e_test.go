@@ -1,11 +1,13 @@
 package postgres
 
-// Issue 7 end to end, as operators run it: two `pullsecret serve` replicas
+// Issue 7 end to end, as operators run it: three `pullsecret serve` replicas
 // on one PostgreSQL database, each with its own data folder and the one
 // key file, in front of an upstream registry with htpasswd. The admin
 // commands run as separate processes given the servers' config. A secret
-// rotated through the CLI is what both replicas send upstream at their
-// next request; a token revoked through it is refused by both at theirs.
+// rotated through the CLI is what every replica sends upstream at its next
+// request; a token revoked through it is refused by every one at its next.
+// The audit table holds each pull once, a cross-project attempt as denied,
+// and never a credential or token.
 
 import (
 	"bytes"
@@ -33,7 +35,7 @@ const (
 
 func TestReplicasShareMetadata(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds the binary and runs two pullsecret serve processes")
+		t.Skip("builds the binary and runs three pullsecret serve processes")
 	}
 	t.Parallel()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
@@ -99,7 +101,7 @@ func TestReplicasShareMetadata(t *testing.T) {
 		}
 	}
 
-	homes := []string{filepath.Join(dir, "home1"), filepath.Join(dir, "home2")}
+	homes := []string{filepath.Join(dir, "home1"), filepath.Join(dir, "home2"), filepath.Join(dir, "home3")}
 	var servers []*testbin.Server
 	t.Cleanup(func() {
 		// After the servers stopped (registered before they start): their
@@ -170,24 +172,24 @@ func TestReplicasShareMetadata(t *testing.T) {
 		}
 	}
 
-	// 1. Both replicas pull with the secret the CLI stored.
+	// 1. Every replica pulls with the secret the CLI stored.
 	expect("secret created through the CLI", "team/app1", http.StatusOK)
 
 	// 2. The registry password changes: a repository neither replica has
-	// proven access to yet is refused upstream, by both.
+	// proven access to yet is refused upstream, by every one.
 	if err := up.SetPassword("bot", canaryNew); err != nil {
 		t.Fatal(err)
 	}
 	expect("upstream password changed, secret not yet", "team/app2", http.StatusForbidden)
 
-	// 3. Rotated once, through the CLI: both replicas send the new password
+	// 3. Rotated once, through the CLI: every replica sends the new password
 	// at their next request, without a restart.
 	cli(canaryNew+"\n", withConfig, "secret", "rotate", "up", "--password-stdin", "--project", "acme")
 	expect("secret rotated through the CLI", "team/app3", http.StatusOK)
 	expect("secret rotated through the CLI", "team/app2", http.StatusOK)
 
 	// What the replicas learnt went to the database: the access records of
-	// the three repositories, and the audit trail of both replicas' pulls.
+	// the three repositories, and the audit trail of every replica's pulls.
 	db := open(t, dsn)
 	var repos int
 	if err := db.pool.QueryRow(ctx, "SELECT count(*) FROM access_records WHERE project = 'acme'").Scan(&repos); err != nil || repos != 3 {
@@ -200,7 +202,10 @@ func TestReplicasShareMetadata(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if pulls >= 2 {
+		if pulls >= len(servers) {
+			if pulls > len(servers) {
+				t.Fatalf("%d audited pulls of team/app1, want one per replica (%d)", pulls, len(servers))
+			}
 			break
 		}
 		if time.Now().After(deadline) {
@@ -208,12 +213,64 @@ func TestReplicasShareMetadata(t *testing.T) {
 		}
 	}
 
-	// 4. Revoked once, through the CLI: refused by both at the next request.
+	// A token of another project asks for acme's upstream: refused, and
+	// recorded as denied with the project and the reason.
+	other := strings.TrimSpace(cli("", withConfig, "token", "create", "--project", "beta", "--scope", "pull"))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, servers[2].URL+"/v2/up/team/app1/manifests/v1", nil)
+	req.SetBasicAuth("ci", other)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		t.Fatal("a beta token pulled through acme's secret")
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		var reason string
+		err := db.pool.QueryRow(ctx, `SELECT event->>'reason' FROM audit_events
+			WHERE project = 'beta' AND decision = 'denied' AND event->>'repository' = 'team/app1'`).Scan(&reason)
+		if err == nil {
+			if !strings.Contains(reason, "project beta has no pull secret") {
+				t.Errorf("the cross-project denial's reason: %q", reason)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no denied cross-project event in the database after 10s: %v", err)
+		}
+	}
+
+	// 4. Revoked once, through the CLI: refused by every replica at its
+	// next request.
 	if out := cli("", nil, "token", "revoke", tokID, "--config", cfgFile); !strings.Contains(out, "revoked token "+tokID) {
 		t.Fatalf("token revoke: %s", out)
 	}
 	expect("token revoked through the CLI", "team/app1", http.StatusUnauthorized)
 	if list := cli("", withConfig, "token", "list", "-o", "json"); !strings.Contains(list, `"status": "revoked"`) {
 		t.Fatalf("token list after revoke: %s", list)
+	}
+
+	// No audit record carries a credential or a token.
+	rows, err := db.pool.Query(ctx, "SELECT event::text FROM audit_events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	n := 0
+	for rows.Next() {
+		var ev string
+		if err := rows.Scan(&ev); err != nil {
+			t.Fatal(err)
+		}
+		n++
+		for _, sec := range append(secrets, tok, other) {
+			if strings.Contains(ev, sec) {
+				t.Errorf("an audit record holds a credential (%.8s...): %s", sec, ev)
+			}
+		}
+	}
+	if err := rows.Err(); err != nil || n == 0 {
+		t.Fatalf("audit rows: %d, %v", n, err)
 	}
 }

@@ -19,7 +19,8 @@ type ClusterConfig struct {
 	// (`serve --replica-id`; default: the host name). Unique per replica.
 	ReplicaID string `yaml:"replica_id"`
 	// Advertise is the base URL the other replicas reach this one at,
-	// e.g. http://10.0.0.5:5000 (a pod IP).
+	// e.g. http://10.0.0.5:5000 (a pod IP; `serve --advertise`). Only
+	// serve needs it.
 	Advertise string `yaml:"advertise"`
 	// SecretFile holds the cluster secret every replica shares (a
 	// Kubernetes Secret mount): the peer endpoint's key and the key of
@@ -52,8 +53,12 @@ func (c *ClusterConfig) validate(md MetadataConfig) error {
 	if len(c.ReplicaID) > 64 || strings.ContainsFunc(c.ReplicaID, func(r rune) bool { return r < 0x21 || r == 0x7f }) {
 		errs = append(errs, errors.New("cluster.replica_id: at most 64 printable characters without spaces"))
 	}
-	if u, err := url.Parse(c.Advertise); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		errs = append(errs, fmt.Errorf("cluster.advertise: %q is not an http(s) base URL", c.Advertise))
+	// Empty is left to `serve --advertise` (a pod learns its IP at start);
+	// CheckAdvertise requires it before serving.
+	if c.Advertise != "" {
+		if err := c.CheckAdvertise(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	if c.SecretFile == "" {
 		errs = append(errs, errors.New("cluster.secret_file: required"))
@@ -65,6 +70,17 @@ func (c *ClusterConfig) validate(md MetadataConfig) error {
 		errs = append(errs, errors.New("cluster.lease_ttl: at least 1s"))
 	}
 	return errors.Join(errs...)
+}
+
+// CheckAdvertise requires Advertise to be an http(s) base URL.
+func (c *ClusterConfig) CheckAdvertise() error {
+	if c.Advertise == "" {
+		return errors.New("cluster.advertise: required (or serve --advertise URL)")
+	}
+	if u, err := url.Parse(c.Advertise); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return fmt.Errorf("cluster.advertise: %q is not an http(s) base URL", c.Advertise)
+	}
+	return nil
 }
 
 // ReadSecret reads the cluster secret (surrounding white space dropped).

@@ -82,6 +82,11 @@ type Config struct {
 	Log LogConfig `yaml:"log"`
 	// ShutdownTimeout bounds the graceful shutdown on SIGINT/SIGTERM.
 	ShutdownTimeout time.Duration `yaml:"shutdown_timeout"`
+	// ShutdownDelay is how long the server keeps serving after SIGTERM,
+	// /readyz already 503, before it stops accepting connections: a load
+	// balancer (Kubernetes endpoints) learns of the shutdown only after
+	// the signal, and connections it sends meanwhile must not be refused.
+	ShutdownDelay time.Duration `yaml:"shutdown_delay"`
 	// Kubelet turns on the kubelet credential-provider API when it names at
 	// least one issuer.
 	Kubelet *KubeletConfig `yaml:"kubelet"`
@@ -221,6 +226,15 @@ func LoadConfig(path string) (Config, error) {
 	return cfg, nil
 }
 
+// ReplicaName is the name audit events carry: audit.replica, else the
+// cluster's replica id (set after parsing by `serve --replica-id`).
+func (c Config) ReplicaName() string {
+	if c.Audit.Replica == "" && c.Cluster != nil {
+		return c.Cluster.ReplicaID
+	}
+	return c.Audit.Replica
+}
+
 // ParseConfig parses YAML over the defaults and validates the result.
 func ParseConfig(b []byte) (Config, error) {
 	cfg := DefaultConfig()
@@ -314,6 +328,9 @@ func (c *Config) Validate() error {
 	if c.ShutdownTimeout <= 0 {
 		c.ShutdownTimeout = DefaultShutdownTimeout
 	}
+	if c.ShutdownDelay < 0 || c.ShutdownDelay > 10*time.Minute {
+		bad("shutdown_delay: %s is outside 0..10m", c.ShutdownDelay)
+	}
 	u := &c.Upstream
 	def := DefaultConfig().Upstream
 	for _, d := range []struct {
@@ -375,8 +392,6 @@ func (c *Config) Validate() error {
 	if c.Cluster != nil {
 		if err := c.Cluster.validate(c.Metadata); err != nil {
 			errs = append(errs, err)
-		} else if c.Audit.Replica == "" {
-			c.Audit.Replica = c.Cluster.ReplicaID
 		}
 	}
 	if err := c.Metadata.validate(c.Audit); err != nil {

@@ -64,6 +64,20 @@ func LoadSigner(home string) (*Signer, error) {
 	if s, err := readSigner(path); !errors.Is(err, fs.ErrNotExist) {
 		return s, err
 	}
+	data, err := NewSigningKeySet()
+	if err != nil {
+		return nil, err
+	}
+	if err := fsutil.WriteFileAtomic(path, data); err != nil {
+		return nil, fmt.Errorf("save signing key: %w", err)
+	}
+	return parseSigner(path, data)
+}
+
+// NewSigningKeySet makes a signing key file's content with one fresh key:
+// what LoadSigner writes on first start, and `pullsecret cluster init`
+// for the replicas to share.
+func NewSigningKeySet() ([]byte, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generate signing key: %w", err)
@@ -76,10 +90,7 @@ func LoadSigner(home string) (*Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := fsutil.WriteFileAtomic(path, append(data, '\n')); err != nil {
-		return nil, fmt.Errorf("save signing key: %w", err)
-	}
-	return s, nil
+	return append(data, '\n'), nil
 }
 
 func readSigner(path string) (*Signer, error) {
@@ -90,6 +101,11 @@ func readSigner(path string) (*Signer, error) {
 		}
 		return nil, fmt.Errorf("read signing key: %w", err)
 	}
+	return parseSigner(path, data)
+}
+
+// parseSigner reads the signing key file content data (from path).
+func parseSigner(path string, data []byte) (*Signer, error) {
 	var set jose.JSONWebKeySet
 	if err := json.Unmarshal(data, &set); err != nil {
 		return nil, fmt.Errorf("signing key file %s is damaged; it was left as it is", path)

@@ -164,8 +164,9 @@ func (s *Server) Close() error {
 }
 
 // Serve serves on ln until ctx is done, then shuts down gracefully:
-// readiness turns false, new connections stop, requests in flight get up to
-// ShutdownTimeout to finish.
+// readiness turns false, the server goes on serving for ShutdownDelay, then
+// new connections stop and requests in flight get up to ShutdownTimeout to
+// finish.
 func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	srv := &http.Server{
 		Handler:           s.handler,
@@ -197,6 +198,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	case <-ctx.Done():
 	}
 	s.shuttingDown.Store(true)
+	if d := s.cfg.ShutdownDelay; d > 0 {
+		// Each response from now on closes its connection, so clients
+		// reconnect through the balancer to a replica that stays.
+		srv.SetKeepAlivesEnabled(false)
+		s.log.Info("shutting down: still serving while load balancers catch up", "delay", d)
+		select {
+		case <-time.After(d):
+		case err := <-errc:
+			s.Close()
+			return err
+		}
+	}
 	s.log.Info("shutting down", "timeout", s.cfg.ShutdownTimeout)
 	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.ShutdownTimeout)
 	defer cancel()

@@ -166,11 +166,20 @@ func LoadKeyring(path string) (*Keyring, error) {
 
 // Save writes the keyring atomically with mode 0600.
 func (k *Keyring) Save(path string) error {
-	b, err := json.MarshalIndent(k, "", "  ")
+	b, err := k.Marshal()
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(path, append(b, '\n'))
+	return writeFileAtomic(path, b)
+}
+
+// Marshal is the key file's content.
+func (k *Keyring) Marshal() ([]byte, error) {
+	b, err := json.MarshalIndent(k, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
 }
 
 // SealJSON seals v as JSON.

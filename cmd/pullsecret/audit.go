@@ -192,7 +192,7 @@ func (c *cli) openAuditLog(cfg proxy.Config, home string, log *slog.Logger) (aud
 		}
 		return err
 	})
-	return audit.WithReplica(f, cfg.Audit.Replica), closer, nil
+	return audit.WithReplica(f, cfg.ReplicaName()), closer, nil
 }
 
 type closerFunc func() error

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -29,13 +30,15 @@ import (
 )
 
 // stallOnce makes the upstream send the first GET of one blob only up to
-// held bytes and then stall until the proxy hangs up: a fill caught in the
-// middle. Later requests are served normally.
+// held bytes and then stall until the proxy hangs up, or until release is
+// closed (when set): a fill caught in the middle. Later requests are served
+// normally.
 type stallOnce struct {
 	path    *regexp.Regexp
 	held    int64
 	used    atomic.Bool
 	stalled chan struct{} // closed once the held bytes are out
+	release chan struct{} // nil: stall for good
 }
 
 func (s *stallOnce) wrap(next http.Handler) http.Handler {
@@ -44,7 +47,7 @@ func (s *stallOnce) wrap(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		next.ServeHTTP(&stallWriter{ResponseWriter: w, left: s.held, ctx: r.Context(), stalled: s.stalled}, r)
+		next.ServeHTTP(&stallWriter{ResponseWriter: w, left: s.held, ctx: r.Context(), stalled: s.stalled, release: s.release}, r)
 	})
 }
 
@@ -53,6 +56,7 @@ type stallWriter struct {
 	left    int64
 	ctx     context.Context
 	stalled chan struct{}
+	release chan struct{}
 }
 
 func (w *stallWriter) Write(p []byte) (int, error) {
@@ -69,8 +73,14 @@ func (w *stallWriter) Write(p []byte) (int, error) {
 	// Out to the proxy now, not when a buffer fills.
 	_ = http.NewResponseController(w.ResponseWriter).Flush()
 	close(w.stalled)
-	<-w.ctx.Done() // the proxy's connection closed: it was killed
-	return n, w.ctx.Err()
+	select {
+	case <-w.release: // a nil channel never fires
+	case <-w.ctx.Done(): // the proxy's connection closed: it was killed
+		return n, w.ctx.Err()
+	}
+	w.left = math.MaxInt64
+	m, err := w.ResponseWriter.Write(p[n:])
+	return n + m, err
 }
 
 // blobGET is one GET of a blob through the proxy, hashed as it streams.

@@ -32,6 +32,7 @@ func commands() map[string]*command {
 		"demo":      demoCommand(),
 		"cache":     cacheCommand(),
 		"audit":     auditCommand(),
+		"cluster":   clusterCommand(),
 	}
 }
 

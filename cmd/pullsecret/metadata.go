@@ -135,7 +135,7 @@ func metadataAuditLog(db *postgres.DB, cfg proxy.Config, log *slog.Logger) (audi
 		return nil, nil, nil
 	}
 	a := db.OpenAuditLog()
-	return audit.WithReplica(a, cfg.Audit.Replica), a, nil
+	return audit.WithReplica(a, cfg.ReplicaName()), a, nil
 }
 
 // startMaintenance prunes db's expired rows in the background until the

@@ -62,14 +62,17 @@ Flags:
   --home DIR                    data folder (default: $PULLSECRET_HOME)
   --replica-id ID               this replica's name in a cluster (cluster.replica_id;
                                 default: the host name)
+  --advertise URL               the base URL the other replicas reach this one at
+                                (cluster.advertise), e.g. http://$(POD_IP):5080
 `
 
 func (c *cli) serve(args []string) error {
 	fs := newFlagSet("serve")
 	var (
-		listen, cfgFile, tlsCert, tlsKey, external, allowPriv, logLevel, logFormat, home, replica string
+		listen, cfgFile, tlsCert, tlsKey, external, allowPriv, logLevel, logFormat, home, replica, advertise string
 	)
 	fs.StringVar(&replica, "replica-id", "", "")
+	fs.StringVar(&advertise, "advertise", "", "")
 	fs.StringVar(&listen, "listen", "", "")
 	fs.StringVar(&cfgFile, "config", "", "")
 	fs.StringVar(&tlsCert, "tls-cert", "", "")
@@ -125,6 +128,12 @@ func (c *cli) serve(args []string) error {
 		}
 		cfg.Cluster.ReplicaID = replica
 	}
+	if set["advertise"] {
+		if cfg.Cluster == nil {
+			return &usageError{msg: "--advertise: the configuration has no cluster section", usage: serveUsage}
+		}
+		cfg.Cluster.Advertise = advertise
+	}
 	if set["home"] {
 		cfg.Home = home
 	} else if c.home != "" {
@@ -132,6 +141,11 @@ func (c *cli) serve(args []string) error {
 	}
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("configuration: %w", err)
+	}
+	if cfg.Cluster != nil {
+		if err := cfg.Cluster.CheckAdvertise(); err != nil {
+			return fmt.Errorf("configuration: %w", err)
+		}
 	}
 	log := proxy.NewLogger(c.stderr, cfg.Log)
 	ps, err := c.newProxyServer(cfg, log)

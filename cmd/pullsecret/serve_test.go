@@ -145,4 +145,17 @@ func TestServeBadInput(t *testing.T) {
 	if r.code != 1 {
 		t.Errorf("missing config: exit %d %q", r.code, r.stderr)
 	}
+	r = e.run("", "serve", "--advertise", "http://10.0.0.5:5080")
+	if r.code != 2 || !strings.Contains(r.stderr, "no cluster section") {
+		t.Errorf("--advertise without a cluster: exit %d %q", r.code, r.stderr)
+	}
+	os.WriteFile(cfgFile, []byte("metadata: {driver: postgres, dsn: 'postgres://u@127.0.0.1:1/p'}\ncluster: {secret_file: /nonexistent}\n"), 0o600)
+	r = e.run("", "serve", "--config", cfgFile)
+	if r.code != 1 || !strings.Contains(r.stderr, "cluster.advertise: required") {
+		t.Errorf("cluster without advertise: exit %d %q", r.code, r.stderr)
+	}
+	r = e.run("", "serve", "--config", cfgFile, "--advertise", "10.0.0.5:5080")
+	if r.code != 1 || !strings.Contains(r.stderr, "not an http(s) base URL") {
+		t.Errorf("--advertise without a scheme: exit %d %q", r.code, r.stderr)
+	}
 }

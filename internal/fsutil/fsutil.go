@@ -12,7 +12,24 @@ import (
 // WriteFileAtomic writes data to path so that a reader, or a crash at any
 // moment, sees either the old file or the new one: temporary file in the
 // same folder, fsync, rename, fsync of the folder.
-func WriteFileAtomic(path string, data []byte) (err error) {
+func WriteFileAtomic(path string, data []byte) error {
+	return place(path, data, os.Rename)
+}
+
+// CreateFileAtomic is WriteFileAtomic for a file that must not exist yet
+// (keys that are never replaced): the temporary file is hard-linked to
+// path, which fails with fs.ErrExist rather than overwrite.
+func CreateFileAtomic(path string, data []byte) error {
+	return place(path, data, func(tmp, path string) error {
+		err := os.Link(tmp, path)
+		os.Remove(tmp)
+		return err
+	})
+}
+
+// place writes data to a synced temporary file (mode 0600) next to path,
+// moves it there with move, and syncs the folder.
+func place(path string, data []byte, move func(tmp, path string) error) (err error) {
 	dir := filepath.Dir(path)
 	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
@@ -37,7 +54,7 @@ func WriteFileAtomic(path string, data []byte) (err error) {
 	if err = f.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	if err = os.Rename(tmp, path); err != nil {
+	if err = move(tmp, path); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
 	d, err := os.Open(dir)

@@ -22,6 +22,7 @@ type Server struct {
 	log  bytes.Buffer
 	pid  int
 	done chan struct{} // closed once the process has exited
+	err  error         // how it exited; set before done is closed
 }
 
 // Write collects the server's stdout and stderr.
@@ -64,7 +65,7 @@ func ServeAt(t testing.TB, bin, host string, env []string, config string) *Serve
 	}
 	done := make(chan struct{})
 	s.pid, s.done = cmd.Process.Pid, done
-	go func() { cmd.Wait(); close(done) }()
+	go func() { s.err = cmd.Wait(); close(done) }()
 	t.Cleanup(func() {
 		select {
 		case <-done:
@@ -116,6 +117,33 @@ func (s *Server) Kill(t testing.TB) {
 	case <-s.done:
 	case <-time.After(15 * time.Second):
 		t.Fatalf("pullsecret serve (pid %d) still running 15s after SIGKILL", s.pid)
+	}
+}
+
+// Terminate sends SIGTERM, as Kubernetes does to a pod it stops: the
+// server shuts down gracefully. Wait tells how it ended.
+func (s *Server) Terminate(t testing.TB) {
+	t.Helper()
+	select {
+	case <-s.done:
+		t.Fatalf("pullsecret serve (pid %d) had exited before Terminate:\n%s", s.pid, s.Logs())
+	default:
+	}
+	if err := syscall.Kill(s.pid, syscall.SIGTERM); err != nil {
+		t.Fatalf("terminate pullsecret serve (pid %d): %v", s.pid, err)
+	}
+}
+
+// Wait waits up to timeout for the process to exit and returns its exit
+// error (nil: status 0).
+func (s *Server) Wait(t testing.TB, timeout time.Duration) error {
+	t.Helper()
+	select {
+	case <-s.done:
+		return s.err
+	case <-time.After(timeout):
+		t.Fatalf("pullsecret serve (pid %d) still running after %s:\n%s", s.pid, timeout, s.Logs())
+		return nil
 	}
 }
 
