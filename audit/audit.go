@@ -45,6 +45,7 @@ const (
 	ViaProxy   = "proxy"
 	ViaHelper  = "helper"
 	ViaKubelet = "kubelet"
+	ViaWarm    = "cache-warm" // pullsecret cache warm, run by an operator
 )
 
 // Event is one audited request.
@@ -55,7 +56,7 @@ type Event struct {
 	TokenID    string    `json:"token_id,omitempty"`
 	Client     string    `json:"client,omitempty"` // remote address
 	Action     string    `json:"action"`           // "pull", "push", "credential"
-	Via        string    `json:"via"`              // "proxy", "helper", "kubelet"
+	Via        string    `json:"via"`              // "proxy", "helper", "kubelet", "cache-warm"
 	Upstream   string    `json:"upstream,omitempty"`
 	Repository string    `json:"repository,omitempty"`
 	Reference  string    `json:"reference,omitempty"` // tag or digest asked for

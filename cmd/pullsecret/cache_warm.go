@@ -20,6 +20,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -32,6 +34,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/pullsecret/pullsecret/audit"
 	"github.com/pullsecret/pullsecret/proxy"
 	"github.com/pullsecret/pullsecret/proxy/cache"
 	"github.com/pullsecret/pullsecret/secret"
@@ -161,10 +164,24 @@ func (c *cli) cacheWarm(args []string) (err error) {
 	if err := knownProject(c.ctx, store, cfg, project); err != nil {
 		return err
 	}
-	w, err := c.newWarmer(cfg, home, store, project, specs, show, log)
+	auditLog, auditCloser, err := metadataAuditLog(db, cfg, log)
+	if db == nil {
+		auditLog, auditCloser, err = c.openAuditLog(cfg, home, log)
+	}
 	if err != nil {
 		return err
 	}
+	if auditLog != nil {
+		auditLog = warmAudit{Log: auditLog, subject: warmSubject()}
+	}
+	w, err := c.newWarmer(cfg, home, store, project, specs, show, log, auditLog)
+	if err != nil {
+		if auditCloser != nil {
+			auditCloser.Close()
+		}
+		return err
+	}
+	w.auditCloser = auditCloser
 	if db != nil {
 		w.access = db.AccessRecords()
 	}
@@ -294,6 +311,34 @@ func (a warmAuth) Allows(p *proxy.Principal, _, action string) bool {
 
 func (a warmAuth) Challenge(w http.ResponseWriter, r *http.Request, _ string, _ error) {
 	proxy.WriteError(w, r, &proxy.Error{Status: http.StatusForbidden, Code: proxy.CodeDenied, Message: "cache warm only pulls"})
+}
+
+// warmAudit records the warm-up's pulls as the operator's, not as a
+// client's: there is no token and no network peer, only who ran it.
+type warmAudit struct {
+	audit.Log
+	subject string
+}
+
+func (a warmAudit) Record(ctx context.Context, e audit.Event) error {
+	e.Via, e.Subject, e.Client = audit.ViaWarm, a.subject, ""
+	return a.Log.Record(ctx, e)
+}
+
+// warmSubject names who runs the command: the OS user and host.
+func warmSubject() string {
+	s := "pullsecret cache warm"
+	who := ""
+	if u, err := user.Current(); err == nil {
+		who = u.Username
+	}
+	if h, err := os.Hostname(); err == nil && h != "" {
+		who += "@" + h
+	}
+	if who != "" {
+		s += " by " + who
+	}
+	return s
 }
 
 // pipeListener hands the server in-memory connections (net.Pipe) that
@@ -441,9 +486,11 @@ type warmer struct {
 	platforms   []v1.Platform
 	show        warmShow
 	stopServer  func() error
+	// auditCloser flushes the audit trail (nil: none), after the server.
+	auditCloser io.Closer
 }
 
-func (c *cli) newWarmer(cfg proxy.Config, home string, store *secret.Store, project string, platforms []v1.Platform, show warmShow, log *slog.Logger) (*warmer, error) {
+func (c *cli) newWarmer(cfg proxy.Config, home string, store *secret.Store, project string, platforms []v1.Platform, show warmShow, log *slog.Logger, al audit.Log) (*warmer, error) {
 	reg := prometheus.NewRegistry()
 	cc, err := openContentCache(c.ctx, cfg, home, reg, log)
 	if err != nil {
@@ -453,7 +500,7 @@ func (c *cli) newWarmer(cfg proxy.Config, home string, store *secret.Store, proj
 	// The in-process server listens on no network: its TLS settings are
 	// the network listener's business.
 	cfg.TLSCert, cfg.TLSKey = "", ""
-	srv, err := proxy.New(cfg, store, warmAuth{project: project}, proxy.WithLogger(log),
+	srv, err := proxy.New(cfg, store, warmAuth{project: project}, proxy.WithLogger(log), proxy.WithAudit(al),
 		proxy.WithMetricsRegistry(reg), withCachedFetcher(cfg, cc, records, reg, log))
 	if err != nil {
 		cc.Close()
@@ -494,6 +541,9 @@ func (c *cli) newWarmer(cfg proxy.Config, home string, store *secret.Store, proj
 // committing) and merges the access records.
 func (w *warmer) close() error {
 	err := w.stopServer()
+	if w.auditCloser != nil {
+		err = errors.Join(err, w.auditCloser.Close())
+	}
 	err = errors.Join(err, w.cache.Close())
 	if perr := w.records.persistTo(context.Background(), w.access, filepath.Join(w.home, "access.json")); perr != nil {
 		err = errors.Join(err, fmt.Errorf("access records: %w", perr))

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -21,6 +22,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/pullsecret/pullsecret/audit"
 	"github.com/pullsecret/pullsecret/internal/testbin"
 	"github.com/pullsecret/pullsecret/proxy/cache"
 	"github.com/pullsecret/pullsecret/registry"
@@ -273,6 +275,24 @@ func TestCacheWarm(t *testing.T) {
 		// servers started afterwards.
 		if b, err := os.ReadFile(filepath.Join(e.home, "access.json")); err != nil || !strings.Contains(string(b), `"project": "acme"`) {
 			t.Errorf("access.json: %v\n%s", err, b)
+		}
+		// The audit trail records each pull of the warm-up as the
+		// operator's: project, upstream, digest, no token, no client.
+		var warmed int
+		for _, line := range strings.Split(strings.TrimSpace(e.must("", "audit", "--config", cfgFile, "-o", "json")), "\n") {
+			var ev audit.Event
+			if err := json.Unmarshal([]byte(line), &ev); err != nil {
+				t.Fatalf("audit line %q: %v", line, err)
+			}
+			if ev.Via != audit.ViaWarm || ev.Project != "acme" || ev.Decision != audit.Allowed || ev.Action != audit.ActionPull ||
+				ev.Upstream != f.up.Host() || ev.Digest == "" || ev.TokenID != "" || ev.Client != "" ||
+				!strings.HasPrefix(ev.Subject, "pullsecret cache warm by ") {
+				t.Errorf("audit event of the warm-up: %+v", ev)
+			}
+			warmed++
+		}
+		if warmed != 9 {
+			t.Errorf("%d audit events for a warm-up of 3 manifests and 6 blobs", warmed)
 		}
 
 		// Warm again: everything is there; the upstream sends no blob.
