@@ -307,137 +307,114 @@ func (w *world) pull(s *testbin.Server, progress func(int64)) (int64, bool, erro
 	return n, n == w.size && fmt.Sprintf("sha256:%x", h.Sum(nil)) == w.blob.String(), nil
 }
 
-// The filler replica is killed with SIGKILL mid-fill: the client on the
-// other replica still finishes with verified bytes (its replica takes the
-// lease over and resumes from the upstream), nothing partial is ever
-// served, and the restarted replica serves the blob normally.
-func TestClusterFillerKilled(t *testing.T) {
-	if testing.Short() {
-		t.Skip("builds the binary and runs pullsecret serve processes")
-	}
-	t.Parallel()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	w := startCluster(t, ctx, 2, 16<<20, 40*time.Millisecond)
-	filler, other := w.servers[0], w.servers[1]
-
-	// Replica 1 starts the fill; the client on replica 2 joins once some
-	// bytes are through, so it streams from replica 1.
-	started := make(chan struct{})
-	var once sync.Once
-	go w.pull(filler, func(n int64) {
-		if n >= 1<<20 {
-			once.Do(func() { close(started) })
-		}
-	})
-	select {
-	case <-started:
-	case <-ctx.Done():
-		t.Fatal("the pull through replica 1 never got going")
-	}
-	type result struct {
-		n   int64
-		ok  bool
-		err error
-	}
-	done := make(chan result, 1)
-	joined := make(chan struct{})
-	var once2 sync.Once
-	go func() {
-		n, ok, err := w.pull(other, func(n int64) {
-			if n >= 512<<10 {
-				once2.Do(func() { close(joined) })
-			}
-		})
-		done <- result{n, ok, err}
-	}()
-	select {
-	case <-joined:
-	case <-ctx.Done():
-		t.Fatal("the pull through replica 2 never got going")
-	}
-	if n := w.up.BlobFetches(w.blob.String()); n != 0 {
-		t.Fatalf("the upstream finished %d fetches before the kill: the blob was not mid-fill", n)
-	}
-	filler.Kill(t)
-
-	r := <-done
-	if r.err != nil || !r.ok {
-		t.Fatalf("the client on replica 2 after the filler's death: %d bytes, verified %v, %v", r.n, r.ok, r.err)
-	}
-	if !strings.Contains(other.Logs(), "waiting for its lease") && !strings.Contains(other.Logs(), "peer stream broke") {
-		t.Errorf("replica 2 does not say it took over the fill:\n%s", other.Logs())
-	}
-
-	// Restarted, replica 1 serves the blob (from the shared cache).
-	restarted := testbin.ServeAt(t, w.bin, w.hosts[0], w.envs[0], w.configs[0])
-	w.servers = append(w.servers, restarted)
-	if n, ok, err := w.pull(restarted, nil); err != nil || !ok {
-		t.Fatalf("the restarted replica: %d bytes, verified %v, %v", n, ok, err)
-	}
+// pullResult is how one client's pull of the blob ended.
+type pullResult struct {
+	n   int64
+	ok  bool
+	err error
 }
 
-// The filler replica is stopped as Kubernetes stops a pod (SIGTERM)
-// mid-fill: it drains instead of dying. Its own client and the client
-// streaming through the other replica both finish with verified bytes from
-// the one upstream fetch (no lease takeover), and it exits cleanly.
-func TestClusterFillerTerminated(t *testing.T) {
+// pullAsync starts a pull of the blob through s; going is closed once at
+// bytes have arrived.
+func (w *world) pullAsync(s *testbin.Server, at int64) (done <-chan pullResult, going <-chan struct{}) {
+	d, g := make(chan pullResult, 1), make(chan struct{})
+	var once sync.Once
+	go func() {
+		n, ok, err := w.pull(s, func(n int64) {
+			if n >= at {
+				once.Do(func() { close(g) })
+			}
+		})
+		d <- pullResult{n, ok, err}
+	}()
+	return d, g
+}
+
+// startFillAndJoin starts a cold pull through filler and, once 1 MiB is
+// through, one through joiner, which then streams from the filler; it
+// returns when the joiner has 512 KiB.
+func (w *world) startFillAndJoin(t *testing.T, filler, joiner *testbin.Server) (first, second <-chan pullResult) {
+	t.Helper()
+	first, going := w.pullAsync(filler, 1<<20)
+	select {
+	case <-going:
+	case <-w.ctx.Done():
+		t.Fatal("the pull through the filler never got going")
+	}
+	second, joined := w.pullAsync(joiner, 512<<10)
+	select {
+	case <-joined:
+	case <-w.ctx.Done():
+		t.Fatal("the pull through the joining replica never got going")
+	}
+	return first, second
+}
+
+// The filler replica stops mid-fill while a client on the other replica
+// streams from it.
+//
+// Killed with SIGKILL: the client on the other replica still finishes with
+// verified bytes (its replica takes the lease over and resumes from the
+// upstream), nothing partial is ever served, and the restarted replica
+// serves the blob normally.
+//
+// Stopped as Kubernetes stops a pod (SIGTERM): it drains instead of dying.
+// Its own client and the other replica's both finish with verified bytes
+// from the one upstream fetch (no takeover), and it exits cleanly.
+func TestClusterFillerStops(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds the binary and runs pullsecret serve processes")
 	}
 	t.Parallel()
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	w := startCluster(t, ctx, 2, 16<<20, 40*time.Millisecond)
-	filler, other := w.servers[0], w.servers[1]
-
-	type result struct {
-		n   int64
-		ok  bool
-		err error
-	}
-	pull := func(s *testbin.Server, at int64) (<-chan result, <-chan struct{}) {
-		done, going := make(chan result, 1), make(chan struct{})
-		var once sync.Once
-		go func() {
-			n, ok, err := w.pull(s, func(n int64) {
-				if n >= at {
-					once.Do(func() { close(going) })
+	for _, tc := range []struct {
+		name string
+		stop func(t *testing.T, w *world, first, second <-chan pullResult)
+	}{
+		{"SIGKILL", func(t *testing.T, w *world, _, second <-chan pullResult) {
+			filler, other := w.servers[0], w.servers[1]
+			filler.Kill(t)
+			if r := <-second; r.err != nil || !r.ok {
+				t.Fatalf("the client on replica 2 after the filler's death: %d bytes, verified %v, %v", r.n, r.ok, r.err)
+			}
+			if !strings.Contains(other.Logs(), "waiting for its lease") && !strings.Contains(other.Logs(), "peer stream broke") {
+				t.Errorf("replica 2 does not say it took over the fill:\n%s", other.Logs())
+			}
+			// Restarted, replica 1 serves the blob (from the shared cache).
+			restarted := testbin.ServeAt(t, w.bin, w.hosts[0], w.envs[0], w.configs[0])
+			w.servers = append(w.servers, restarted)
+			if n, ok, err := w.pull(restarted, nil); err != nil || !ok {
+				t.Fatalf("the restarted replica: %d bytes, verified %v, %v", n, ok, err)
+			}
+		}},
+		{"SIGTERM", func(t *testing.T, w *world, first, second <-chan pullResult) {
+			filler, other := w.servers[0], w.servers[1]
+			filler.Terminate(t)
+			for i, ch := range []<-chan pullResult{first, second} {
+				if r := <-ch; r.err != nil || !r.ok {
+					t.Errorf("the client on replica %d across the filler's shutdown: %d bytes, verified %v, %v", i+1, r.n, r.ok, r.err)
 				}
-			})
-			done <- result{n, ok, err}
-		}()
-		return done, going
-	}
-	first, going := pull(filler, 1<<20)
-	select {
-	case <-going:
-	case <-ctx.Done():
-		t.Fatal("the pull through replica 1 never got going")
-	}
-	second, joined := pull(other, 512<<10)
-	select {
-	case <-joined:
-	case <-ctx.Done():
-		t.Fatal("the pull through replica 2 never got going")
-	}
-	if n := w.up.BlobFetches(w.blob.String()); n != 0 {
-		t.Fatalf("the upstream finished %d fetches before SIGTERM: the blob was not mid-fill", n)
-	}
-	filler.Terminate(t)
-
-	for i, ch := range []<-chan result{first, second} {
-		if r := <-ch; r.err != nil || !r.ok {
-			t.Errorf("the client on replica %d across the filler's shutdown: %d bytes, verified %v, %v", i+1, r.n, r.ok, r.err)
-		}
-	}
-	if err := filler.Wait(t, 60*time.Second); err != nil {
-		t.Errorf("the filler exited with %v:\n%s", err, filler.Logs())
-	}
-	if n := w.up.BlobFetches(w.blob.String()); n != 1 {
-		t.Errorf("upstream fetches of the blob: %d, want 1 (a drain needs no takeover)", n)
-	}
-	if strings.Contains(other.Logs(), "peer stream broke") {
-		t.Errorf("replica 2 lost the peer stream during a graceful shutdown:\n%s", other.Logs())
+			}
+			if err := filler.Wait(t, 60*time.Second); err != nil {
+				t.Errorf("the filler exited with %v:\n%s", err, filler.Logs())
+			}
+			if n := w.up.BlobFetches(w.blob.String()); n != 1 {
+				t.Errorf("upstream fetches of the blob: %d, want 1 (a drain needs no takeover)", n)
+			}
+			if strings.Contains(other.Logs(), "peer stream broke") {
+				t.Errorf("replica 2 lost the peer stream during a graceful shutdown:\n%s", other.Logs())
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			w := startCluster(t, ctx, 2, 16<<20, 40*time.Millisecond)
+			first, second := w.startFillAndJoin(t, w.servers[0], w.servers[1])
+			if n := w.up.BlobFetches(w.blob.String()); n != 0 {
+				t.Fatalf("the upstream finished %d fetches before the filler stopped: the blob was not mid-fill", n)
+			}
+			tc.stop(t, w, first, second)
+		})
 	}
 }
