@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/pullsecret/pullsecret/internal/testbin"
 	"github.com/pullsecret/pullsecret/registry"
 )
@@ -81,6 +82,26 @@ func (w *stallWriter) Write(p []byte) (int, error) {
 	w.left = math.MaxInt64
 	m, err := w.ResponseWriter.Write(p[n:])
 	return n + m, err
+}
+
+// stallingUpstream starts an upstream behind stall with one random blob of
+// size bytes in team/app (its seed picks the bytes), stores its password
+// as acme's pull secret "up" and returns a pull token of acme.
+func stallingUpstream(ctx context.Context, t *testing.T, e *env, stall *stallOnce, size int64, seed uint64, opts ...registry.Option) (*registry.Registry, v1.Hash, string) {
+	t.Helper()
+	opts = append(opts, registry.WithHTPasswd(map[string]string{"bot": canary}), registry.WithHandlerWrapper(stall.wrap))
+	up, err := registry.Start(ctx, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Close() })
+	d, err := up.SeedBlob(ctx, "team/app", size, registry.RandSeed(seed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.must(canary+"\n", "secret", "create", "up", "--registry", up.Host(), "--username", "bot", "--password-stdin", "--project", "acme")
+	tok := strings.TrimSpace(e.must("", "token", "create", "--project", "acme", "--scope", "pull"))
+	return up, d, tok
 }
 
 // blobGET is one GET of a blob through the proxy, hashed as it streams.
@@ -182,18 +203,7 @@ func TestServeKilledDuringFill(t *testing.T) {
 
 	const size = 32 << 20
 	stall := &stallOnce{path: regexp.MustCompile(`/blobs/sha256:`), held: size / 2, stalled: make(chan struct{})}
-	up, err := registry.Start(ctx, registry.WithHTPasswd(map[string]string{"bot": canary}),
-		registry.WithFilesystem(t.TempDir()), registry.WithHandlerWrapper(stall.wrap))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
-	d, err := up.SeedBlob(ctx, "team/app", size, registry.RandSeed(41))
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.must(canary+"\n", "secret", "create", "up", "--registry", up.Host(), "--username", "bot", "--password-stdin", "--project", "acme")
-	tok := strings.TrimSpace(e.must("", "token", "create", "--project", "acme", "--scope", "pull"))
+	up, d, tok := stallingUpstream(ctx, t, e, stall, size, 41, registry.WithFilesystem(t.TempDir()))
 
 	cacheRoot := filepath.Join(e.home, "cache")
 	spool := filepath.Join(cacheRoot, "_spool")

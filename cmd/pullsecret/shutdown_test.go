@@ -19,7 +19,6 @@ import (
 	"time"
 
 	"github.com/pullsecret/pullsecret/internal/testbin"
-	"github.com/pullsecret/pullsecret/registry"
 )
 
 func TestServeDrainsOnSIGTERM(t *testing.T) {
@@ -35,17 +34,7 @@ func TestServeDrainsOnSIGTERM(t *testing.T) {
 	const size = 8 << 20
 	stall := &stallOnce{path: regexp.MustCompile(`/blobs/sha256:`), held: 1 << 20,
 		stalled: make(chan struct{}), release: make(chan struct{})}
-	up, err := registry.Start(ctx, registry.WithHTPasswd(map[string]string{"bot": canary}), registry.WithHandlerWrapper(stall.wrap))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer up.Close()
-	d, err := up.SeedBlob(ctx, "team/app", size, registry.RandSeed(77))
-	if err != nil {
-		t.Fatal(err)
-	}
-	e.must(canary+"\n", "secret", "create", "up", "--registry", up.Host(), "--username", "bot", "--password-stdin", "--project", "acme")
-	tok := strings.TrimSpace(e.must("", "token", "create", "--project", "acme", "--scope", "pull"))
+	up, d, tok := stallingUpstream(ctx, t, e, stall, size, 77)
 
 	const delay = 1500 * time.Millisecond
 	config := fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\nshutdown_delay: %s\nshutdown_timeout: 60s\n", up.Host(), delay)
