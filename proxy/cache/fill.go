@@ -360,16 +360,24 @@ func (c *Cache) runFill(f *fill, fetch FetchFunc, expect int64) {
 		f.mu.Lock()
 		f.fetchFailed = fe.Phase == "fetch"
 		f.mu.Unlock()
+		// Gone from fills before its readers learn of the failure: a
+		// request after it starts a fill of its own instead of joining
+		// this one.
+		c.forgetFill(f)
 		f.fail(fe)
 		c.m.FillFailure(KindBlob, f.labels, failureReason(fe))
 		c.log.Warn("cache: fill failed", "kind", KindBlob, "digest", f.k.d, "phase", fe.Phase, "err", fe.Err)
 	}
+	c.forgetFill(f)
+	f.release()
+}
+
+func (c *Cache) forgetFill(f *fill) {
 	c.mu.Lock()
 	if c.fills[f.k] == f {
 		delete(c.fills, f.k)
 	}
 	c.mu.Unlock()
-	f.release()
 }
 
 type phaseError struct {

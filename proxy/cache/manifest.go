@@ -164,23 +164,29 @@ func (c *Cache) runManifestFill(ctx context.Context, mf *mfill, fetch FetchFunc,
 		mf.err, mf.fetchFailed = fe, phase == "fetch"
 		c.m.FillFailure(KindManifest, mf.labels, failureReason(fe))
 		c.log.Warn("cache: fill failed", "kind", KindManifest, "digest", mf.k.d, "phase", phase, "err", err)
-	} else {
-		mf.m = m
+		// Gone from mfills before its waiters wake: a request after the
+		// failure starts a fill of its own instead of joining this one.
+		c.forgetManifestFill(mf)
+		close(mf.done)
+		return
 	}
+	mf.m = m
 	close(mf.done) // waiters have their answer; storing it is ours
-	if err == nil {
-		if serr := c.storeManifest(ctx, mf.k, m.Content, m.MediaType); serr != nil {
-			c.m.FillFailure(KindManifest, mf.labels, "commit")
-			c.log.Warn("cache: commit failed", "kind", KindManifest, "digest", mf.k.d, "err", serr)
-		} else {
-			c.markCommitted(mf.k)
-			if mf.origin != nil {
-				if lerr := c.addLocation(ctx, mf.k.d, *mf.origin); lerr != nil {
-					c.log.Warn("cache: record location", "digest", mf.k.d, "err", lerr)
-				}
+	if serr := c.storeManifest(ctx, mf.k, m.Content, m.MediaType); serr != nil {
+		c.m.FillFailure(KindManifest, mf.labels, "commit")
+		c.log.Warn("cache: commit failed", "kind", KindManifest, "digest", mf.k.d, "err", serr)
+	} else {
+		c.markCommitted(mf.k)
+		if mf.origin != nil {
+			if lerr := c.addLocation(ctx, mf.k.d, *mf.origin); lerr != nil {
+				c.log.Warn("cache: record location", "digest", mf.k.d, "err", lerr)
 			}
 		}
 	}
+	c.forgetManifestFill(mf)
+}
+
+func (c *Cache) forgetManifestFill(mf *mfill) {
 	c.mu.Lock()
 	if c.mfills[mf.k] == mf {
 		delete(c.mfills, mf.k)
