@@ -8,7 +8,7 @@ PKGS      := ./...
 FUZZTIME  ?= 15s
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: all build run demo test test-short bench fuzz lint conformance clean tools
+.PHONY: all build run demo replicas test test-short bench fuzz lint conformance clean tools
 
 all: build
 
@@ -21,6 +21,11 @@ build:
 # secret, and a pull that resolves it at pull time.
 run demo: build
 	$(BIN)/pullsecret demo
+
+# Three replicas on PostgreSQL and versitygw behind a round-robin front on
+# 127.0.0.1:5080, until Ctrl-C (deploy/local/README.md).
+replicas: build
+	$(GO) run ./deploy/local -bin $(BIN)
 
 # Unit, integration and real-client end-to-end tests (crane, skopeo, podman,
 # dockerd, containerd — installed by .ci/run). Under 15 minutes on 2 cores.

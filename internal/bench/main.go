@@ -33,6 +33,7 @@ func main() {
 		{"helper-ecr", b.helperECR},
 		{"proxy", b.proxyBench},
 		{"cache", b.cacheBench},
+		{"replicas", b.replicasBench},
 	} {
 		if *only != "" && !strings.Contains(s.name, *only) {
 			continue

@@ -18,7 +18,8 @@
 // internal/clients.Require). PostgreSQL refuses to run as root: as root, the
 // server runs as the user postgres (else nobody), in a folder it owns.
 //
-// The package is for tests only.
+// Start, without a testing.T, also serves internal/replicas: the local
+// cluster of `make replicas` and the replica benchmark.
 package pgtest
 
 import (

@@ -1,15 +1,21 @@
-// Package s3test runs a real S3-compatible server for tests: versitygw
-// (Apache-2.0) with its posix backend, as a process on a free loopback
-// port, its objects in a temporary folder.
+// Package s3test runs a real S3-compatible server: versitygw (Apache-2.0)
+// with its posix backend, as a process on a free loopback port, its objects
+// in a folder of its own.
 //
-// Start skips the test when versitygw is not installed, and fails it
-// instead when CI or PULLSECRET_REQUIRE_CLIENTS is set (the policy of
-// internal/clients.Require): CI installs it (.ci/install-clients.sh).
+// Tests call Start, which skips the test when versitygw is not installed,
+// and fails it instead when CI or PULLSECRET_REQUIRE_CLIENTS is set (the
+// policy of internal/clients.Require): CI installs it
+// (.ci/install-clients.sh).
 //
 //	srv := s3test.Start(t)
 //	drv, err := factory.Create(ctx, "s3aws", srv.Parameters())
 //
-// The package is for tests only.
+// Programs that are not tests (the local replicas recipe, the benchmarks,
+// through internal/replicas) call Launch and Close:
+//
+//	bin, err := s3test.LookPath()
+//	srv, err := s3test.Launch(bin, "")
+//	defer srv.Close()
 package s3test
 
 import (
@@ -48,12 +54,15 @@ type Server struct {
 	// object's file.
 	Dir string
 
+	bin  string // the versitygw binary, for Restart
+	home string // versitygw's HOME
+	tmp  string // a folder Launch made, removed by Close; "" when given one
 	out  *logBuffer
 	cmd  *exec.Cmd
 	done chan struct{}
 }
 
-// Option configures Start.
+// Option configures Start and Launch.
 type Option func(*options)
 
 type options struct {
@@ -66,7 +75,7 @@ func WithKeys(access, secret string) Option {
 	return func(o *options) { o.access, o.secret = access, secret }
 }
 
-// WithBucket names the bucket Start creates (default "pullsecret").
+// WithBucket names the bucket Start and Launch create (default "pullsecret").
 func WithBucket(name string) Option { return func(o *options) { o.bucket = name } }
 
 // mustNotSkip: CI installs versitygw, so there a missing binary is a
@@ -133,32 +142,60 @@ func Start(t testing.TB, opts ...Option) *Server {
 	// race between parallel tests, and no use with a plain-HTTP endpoint.
 	// (os.Unsetenv, not t.Setenv: tests calling Start run in parallel.)
 	_ = os.Unsetenv("AWS_CA_BUNDLE")
+	s, err := Launch(bin, t.TempDir(), opts...)
+	if err != nil {
+		t.Fatalf("s3test: %v", err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+// Launch starts versitygw from bin on a free loopback port with one empty
+// bucket and waits until it answers. Its files go in dir (objects in
+// dir/s3, which becomes Dir), or, when dir is "", in a temporary folder
+// that Close removes. It dies with this process; Close stops it sooner.
+func Launch(bin, dir string, opts ...Option) (*Server, error) {
 	o := options{access: "s3test-access", secret: "s3test-secret-key", bucket: "pullsecret"}
 	for _, opt := range opts {
 		opt(&o)
-	}
-	dir := t.TempDir()
-	// The posix backend takes every folder of its top folder for a bucket.
-	if err := os.Mkdir(filepath.Join(dir, o.bucket), 0o700); err != nil {
-		t.Fatal(err)
 	}
 	s := &Server{
 		Region:    "us-east-1",
 		AccessKey: o.access,
 		SecretKey: o.secret,
 		Bucket:    o.bucket,
-		Dir:       dir,
+		bin:       bin,
 		out:       &logBuffer{},
 		done:      make(chan struct{}),
 	}
-	var err error
-	for attempt := 0; ; attempt++ {
-		if err = s.start(t, bin); err == nil {
-			return s
+	if dir == "" {
+		tmp, err := os.MkdirTemp("", "s3test-")
+		if err != nil {
+			return nil, fmt.Errorf("s3test: temporary folder: %w", err)
 		}
-		// A port taken between FreePort and the listen: try another.
+		dir, s.tmp = tmp, tmp
+	}
+	s.Dir, s.home = filepath.Join(dir, "s3"), filepath.Join(dir, "home")
+	fail := func(err error) (*Server, error) {
+		if s.tmp != "" {
+			_ = os.RemoveAll(s.tmp)
+		}
+		return nil, err
+	}
+	// The posix backend takes every folder of its top folder for a bucket.
+	for _, d := range []string{s.home, filepath.Join(s.Dir, o.bucket)} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fail(fmt.Errorf("s3test: %w", err))
+		}
+	}
+	for attempt := 0; ; attempt++ {
+		err := s.start()
+		if err == nil {
+			return s, nil
+		}
+		// A port taken between freePort and the listen: try another.
 		if attempt == 2 || !strings.Contains(s.out.String(), "address already in use") {
-			t.Fatalf("s3test: %v\n%s", err, s.out.String())
+			return fail(fmt.Errorf("%w\n%s", err, s.out.String()))
 		}
 		s.out = &logBuffer{}
 		s.done = make(chan struct{})
@@ -171,23 +208,27 @@ func Start(t testing.TB, opts ...Option) *Server {
 func (s *Server) Restart(t testing.TB) {
 	t.Helper()
 	s.done = make(chan struct{})
-	if err := s.start(t, Require(t)); err != nil {
+	if err := s.start(); err != nil {
 		t.Fatalf("s3test: restart: %v\n%s", err, s.out.String())
 	}
 }
 
-func (s *Server) start(t testing.TB, bin string) error {
+func (s *Server) start() error {
 	addr := strings.TrimPrefix(s.Endpoint, "http://")
 	if addr == "" {
-		addr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		port, err := freePort()
+		if err != nil {
+			return err
+		}
+		addr = fmt.Sprintf("127.0.0.1:%d", port)
 	}
 	s.Endpoint = "http://" + addr
 	// The keys go through the environment, not the command line that ps
 	// shows. --quiet: no line per request.
-	cmd := exec.Command(bin, "--port", addr, "--quiet", "posix", s.Dir)
+	cmd := exec.Command(s.bin, "--port", addr, "--quiet", "posix", s.Dir)
 	cmd.Env = []string{
 		"PATH=" + os.Getenv("PATH"),
-		"HOME=" + t.TempDir(),
+		"HOME=" + s.home,
 		"ROOT_ACCESS_KEY_ID=" + s.AccessKey,
 		"ROOT_SECRET_ACCESS_KEY=" + s.SecretKey,
 	}
@@ -199,7 +240,6 @@ func (s *Server) start(t testing.TB, bin string) error {
 	s.cmd = cmd
 	done := s.done
 	go func() { _ = cmd.Wait(); close(done) }()
-	t.Cleanup(func() { s.stop() })
 
 	deadline := time.Now().Add(30 * time.Second)
 	client := &http.Client{Timeout: time.Second}
@@ -222,12 +262,27 @@ func (s *Server) start(t testing.TB, bin string) error {
 	}
 }
 
+// Close stops the server and, when Launch made its folder, removes it.
+func (s *Server) Close() error {
+	s.stop()
+	if s.tmp == "" {
+		return nil
+	}
+	if err := os.RemoveAll(s.tmp); err != nil {
+		return fmt.Errorf("s3test: remove %s: %w", s.tmp, err)
+	}
+	return nil
+}
+
 // Stop ends the server before the test does (an object store outage);
 // cleanup does it otherwise.
 func (s *Server) Stop() { s.stop() }
 
 // stop ends the server: SIGTERM, then SIGKILL of its process group.
 func (s *Server) stop() {
+	if s.cmd == nil {
+		return // never started
+	}
 	select {
 	case <-s.done:
 		return // exited: its pid may be someone else's now
@@ -285,14 +340,13 @@ func (s *Server) Files(t testing.TB) []string {
 	return out
 }
 
-func freePort(t testing.TB) int {
-	t.Helper()
+func freePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatal(err)
+		return 0, fmt.Errorf("free port: %w", err)
 	}
 	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 type logBuffer struct {
