@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/pullsecret/pullsecret/proxy"
 	"github.com/pullsecret/pullsecret/proxy/cache"
 	"github.com/pullsecret/pullsecret/secret"
 )
@@ -35,11 +37,14 @@ DURATION. A blob that a still-cached manifest references stays (images are
 kept whole), and so does anything a running server is reading. Deleting is
 crash-safe: an entry leaves its final path before it is deleted.
 
-Safe to run while 'pullsecret serve' runs on the same cache.
+Safe to run while 'pullsecret serve' runs on the same cache. With --config
+it works on the cache the server's config names (cache.driver: an S3
+bucket, say), using the last use that every replica records there.
 
 Flags:
   --max-size SIZE          e.g. 20GiB, 500MB, 1073741824 (0: delete every entry it may)
   --older-than DURATION    e.g. 72h, 30d, 90m
+  --config FILE            the server's config (default: $PULLSECRET_CONFIG): its cache
   --dir DIR                cache folder (default: cache in the data folder)
   --home DIR               data folder (default: $PULLSECRET_HOME)
   -o, --output FORMAT      text (default) or json
@@ -51,21 +56,36 @@ Print the number and size of cached blobs and manifests, and the number of
 cached tags.
 
 Flags:
+  --config FILE            the server's config (default: $PULLSECRET_CONFIG): its cache
+                           (cache.driver, cache.root, cache.parameters)
   --dir DIR                cache folder (default: cache in the data folder)
   --home DIR               data folder (default: $PULLSECRET_HOME)
   -o, --output FORMAT      text (default) or json
 `
 
 type cacheFlags struct {
-	dir, home string
+	dir, home, config string
 }
 
 func (c *cli) cacheFlagSet(name string) (*flag.FlagSet, *cacheFlags, *string) {
 	fs := newFlagSet(name)
 	cf := &cacheFlags{}
 	fs.StringVar(&cf.dir, "dir", "", "")
+	fs.StringVar(&cf.config, "config", "", "")
 	fs.StringVar(&cf.home, "home", "", "")
 	return fs, cf, outputFlag(fs, "text")
+}
+
+// cacheHome is the data folder of a config's cache spool: the global
+// --home, else the config's home, else the environment's.
+func (c *cli) cacheHome(cfg proxy.Config) (string, error) {
+	if c.home != "" {
+		return c.home, nil
+	}
+	if cfg.Home != "" {
+		return cfg.Home, nil
+	}
+	return secret.HomeFromEnv(c.getenv)
 }
 
 // cacheDir is --dir, else <data folder>/cache: where 'pullsecret serve'
@@ -88,8 +108,43 @@ func (c *cli) cacheDir(cf *cacheFlags) (string, error) {
 	return filepath.Join(home, "cache"), nil
 }
 
-// openCache opens the cache, or returns nil when there is none yet.
-func (c *cli) openCache(cf *cacheFlags) (*cache.Cache, string, error) {
+// openCache opens the cache, or returns nil when there is none yet. The
+// string names it: a folder, or a storage driver and its bucket.
+func (c *cli) openCache(cf *cacheFlags, usage string) (*cache.Cache, string, error) {
+	cfg, ok, err := c.commandConfig(&common{config: cf.config})
+	if err != nil {
+		return nil, "", err
+	}
+	if ok && cf.dir != "" {
+		if cf.config == "" {
+			ok = false // an explicit --dir wins over $PULLSECRET_CONFIG
+		} else {
+			return nil, "", &usageError{msg: "give --dir or --config, not both", usage: usage}
+		}
+	}
+	if ok {
+		d, err := cfg.Cache.ResolveDriver(c.getenv)
+		if err != nil {
+			return nil, "", err
+		}
+		if d.Name != proxy.CacheDriverFilesystem {
+			home := cf.home
+			if home == "" {
+				if home, err = c.cacheHome(cfg); err != nil {
+					return nil, "", err
+				}
+			}
+			cc, err := openCacheStore(c.ctx, cfg.Cache, home, slog.New(slog.DiscardHandler))
+			return cc, d.Describe(), err
+		}
+		if root, _ := d.Parameters["rootdirectory"].(string); root != "" {
+			cf.dir = root
+		} else if cfg.Cache.Root != "" {
+			cf.dir = cfg.Cache.Root
+		} else if cf.home == "" && c.home == "" && cfg.Home != "" {
+			cf.home = cfg.Home
+		}
+	}
 	dir, err := c.cacheDir(cf)
 	if err != nil {
 		return nil, "", err
@@ -121,7 +176,7 @@ func (c *cli) cacheStats(args []string) error {
 	if err := checkOutput(*out, cacheStatsUsage, "text", "json"); err != nil {
 		return err
 	}
-	cc, dir, err := c.openCache(cf)
+	cc, dir, err := c.openCache(cf, cacheStatsUsage)
 	if err != nil {
 		return err
 	}
@@ -183,7 +238,7 @@ func (c *cli) cacheGC(args []string) error {
 		}
 		p.OlderThan = max(d, time.Nanosecond)
 	}
-	cc, dir, err := c.openCache(cf)
+	cc, dir, err := c.openCache(cf, cacheGCUsage)
 	if err != nil {
 		return err
 	}

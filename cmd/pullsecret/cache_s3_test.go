@@ -10,6 +10,7 @@ package main
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -693,5 +694,73 @@ func TestOpenCacheStoreDrivers(t *testing.T) {
 			_ = hit.Close()
 			_ = again.Close()
 		}
+	}
+}
+
+// TestCacheStatsAndGCOnS3: `cache stats` and `cache gc` with the server's
+// config work on the bucket, as a cron job beside the replicas would run
+// them: the blob a replica cached is counted, then collected; the replica
+// fetches it afresh afterwards. The S3 secret reaches them only through
+// the environment and shows in no output.
+func TestCacheStatsAndGCOnS3(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c := newS3Cluster(t, nil)
+	d, err := c.up.SeedBlob(ctx, "team/app", 3<<20, registry.RandSeed(5))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := c.serve("")
+	if r := c.getBlob(ctx, s, d, nil); r.status != http.StatusOK || r.hex != d.Hex {
+		t.Fatalf("pull: %+v", r)
+	}
+	c.waitObject("blobs", d)
+
+	cfgFile := filepath.Join(t.TempDir(), "serve.yaml")
+	if err := os.WriteFile(cfgFile, []byte(c.config()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cli := func(args ...string) string {
+		t.Helper()
+		cmd := exec.CommandContext(ctx, filepath.Join(c.bin, "pullsecret"), args...)
+		cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir(), "PULLSECRET_CONFIG=" + cfgFile}, c.env()...)
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		if strings.Contains(out.String()+errb.String(), s3Canary) {
+			t.Errorf("pullsecret %s printed the S3 secret key", strings.Join(args, " "))
+		}
+		if err != nil {
+			t.Fatalf("pullsecret %s: %v\n%s%s", strings.Join(args, " "), err, out.String(), errb.String())
+		}
+		return out.String()
+	}
+	type stats struct {
+		Dir   string           `json:"dir"`
+		Blobs map[string]int64 `json:"blobs"`
+	}
+	var st stats
+	if err := json.Unmarshal([]byte(cli("cache", "stats", "-o", "json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.Blobs["count"] != 1 || st.Blobs["bytes"] != 3<<20 || !strings.Contains(st.Dir, "bucket="+c.s3.Bucket) {
+		t.Fatalf("stats of the bucket: %+v", st)
+	}
+	if out := cli("cache", "gc", "--older-than", "0s"); !strings.HasPrefix(out, "deleted 1 entry (3.0 MiB)") {
+		t.Fatalf("gc: %s", out)
+	}
+	if objs := c.objectsOf(d); slices.Contains(objs, dataKey("blobs", d)) {
+		t.Fatalf("the blob's object is still in the bucket after gc: %v", objs)
+	}
+	if err := json.Unmarshal([]byte(cli("cache", "stats", "-o", "json")), &st); err != nil || st.Blobs["count"] != 0 {
+		t.Fatalf("stats after gc: %+v %v", st, err)
+	}
+	// The replica notices nothing but a miss: it fetches the blob again.
+	if r := c.getBlob(ctx, s, d, nil); r.status != http.StatusOK || r.hex != d.Hex {
+		t.Fatalf("pull after gc: %+v", r)
+	}
+	if n := c.up.BlobFetches(d.String()); n != 2 {
+		t.Errorf("upstream fetches: %d, want 2 (before and after gc)", n)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -31,16 +32,7 @@ func TestCacheStatsAndGC(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i, n := range []int{1024, 2048} {
-		content := bytes.Repeat([]byte{byte(i + 1)}, n)
-		d := digest.FromBytes(content)
-		r, err := cc.Blob(ctx, d, func(context.Context) (cache.Fetched, error) {
-			return cache.Fetched{Body: io.NopCloser(bytes.NewReader(content)), Size: int64(n)}, nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, _ = io.Copy(io.Discard, r)
-		_ = r.Close()
+		putBlob(t, cc, bytes.Repeat([]byte{byte(i + 1)}, n))
 		time.Sleep(10 * time.Millisecond) // distinct commit times: the first is the LRU one
 	}
 	if err := cc.Close(); err != nil { // waits for the commits
@@ -84,6 +76,51 @@ func TestCacheStatsAndGC(t *testing.T) {
 		if r.code != exitUsage || !strings.Contains(r.stderr, tc.want) {
 			t.Errorf("%q: exit %d, stderr %q; want usage error %q", tc.args, r.code, r.stderr, tc.want)
 		}
+	}
+}
+
+// putBlob fills content into cc as the proxy would.
+func putBlob(t *testing.T, cc *cache.Cache, content []byte) {
+	t.Helper()
+	r, err := cc.Blob(context.Background(), digest.FromBytes(content), func(context.Context) (cache.Fetched, error) {
+		return cache.Fetched{Body: io.NopCloser(bytes.NewReader(content)), Size: int64(len(content))}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, r)
+	_ = r.Close()
+}
+
+// TestCacheStatsConfig: with the server's config the commands find the
+// cache where serve keeps it (cache.root); an explicit --dir wins over
+// $PULLSECRET_CONFIG, and --dir with --config is a usage error.
+func TestCacheStatsConfig(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	root := filepath.Join(t.TempDir(), "elsewhere")
+	cc, err := cache.OpenFilesystem(context.Background(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	putBlob(t, cc, bytes.Repeat([]byte("a"), 1024))
+	cc.Close()
+	cfgFile := filepath.Join(t.TempDir(), "serve.yaml")
+	os.WriteFile(cfgFile, []byte("cache: {root: "+root+"}\n"), 0o600)
+
+	if out := e.must("", "cache", "stats", "--config", cfgFile); !strings.Contains(out, root) || !strings.Contains(out, "blobs           1  1.0 KiB") {
+		t.Fatalf("stats --config:\n%s", out)
+	}
+	e.vars["PULLSECRET_CONFIG"] = cfgFile
+	if out := e.must("", "cache", "stats"); !strings.Contains(out, root) {
+		t.Fatalf("stats with $PULLSECRET_CONFIG:\n%s", out)
+	}
+	other := t.TempDir()
+	if out := e.must("", "cache", "stats", "--dir", other); !strings.Contains(out, other) {
+		t.Fatalf("--dir with $PULLSECRET_CONFIG:\n%s", out)
+	}
+	if r := e.run("", "cache", "gc", "--older-than", "1h", "--dir", other, "--config", cfgFile); r.code != exitUsage || !strings.Contains(r.stderr, "not both") {
+		t.Fatalf("--dir and --config: exit %d %q", r.code, r.stderr)
 	}
 }
 
