@@ -375,7 +375,9 @@ func (c *Cache) Stats(ctx context.Context) (Stats, error) {
 }
 
 // RunGC runs GC every interval until ctx is done or the cache is closed,
-// logging each run. Run it in its own goroutine.
+// logging each run. Run it in its own goroutine. In a cluster (WithCluster)
+// the replicas take turns through a lease: one run per interval across
+// them all.
 func (c *Cache) RunGC(ctx context.Context, interval time.Duration, p Policy) error {
 	if interval <= 0 {
 		return errors.New("cache: RunGC needs a positive interval")
@@ -389,6 +391,9 @@ func (c *Cache) RunGC(ctx context.Context, interval time.Duration, p Policy) err
 		case <-c.baseCtx.Done():
 			return ErrClosed
 		case <-t.C:
+			if !c.gcTurn(ctx, interval) {
+				continue
+			}
 			res, err := c.GC(ctx, p)
 			if err != nil {
 				c.log.Warn("cache: gc", "err", err)
@@ -399,4 +404,29 @@ func (c *Cache) RunGC(ctx context.Context, interval time.Duration, p Policy) err
 				"skipped_referenced", res.SkippedReferenced, "duration", res.Duration.String())
 		}
 	}
+}
+
+// gcLeaseKey is the lease of the background GC in a cluster. Every replica
+// would otherwise scan the same store each interval and race the others to
+// delete the same entries.
+const gcLeaseKey = "gc"
+
+// gcTurn reports whether this process runs the background GC now: always
+// alone; in a cluster, when it holds the GC lease, which lasts one interval
+// and which its holder keeps by taking it again at its next run. A dead
+// holder's lease lapses and another replica's next tick takes it.
+func (c *Cache) gcTurn(ctx context.Context, interval time.Duration) bool {
+	cl := c.cfg.cluster
+	if cl == nil {
+		return true
+	}
+	l, mine, err := cl.Leases.Acquire(ctx, gcLeaseKey, cl.Self, cl.Addr, interval)
+	if err != nil {
+		c.log.Warn("cache: gc skipped: lease", "err", err)
+		return false
+	}
+	if !mine {
+		c.log.Debug("cache: gc left to another replica", "holder", l.Holder)
+	}
+	return mine
 }

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -326,4 +327,54 @@ func TestPrometheusMetrics(t *testing.T) {
 		}
 		return false
 	})
+}
+
+// countingLeases records who won each Acquire of the GC lease.
+type countingLeases struct {
+	Leases
+	mu   sync.Mutex
+	wins map[string]int
+}
+
+func (l *countingLeases) Acquire(ctx context.Context, key, holder, addr string, ttl time.Duration) (Lease, bool, error) {
+	cur, mine, err := l.Leases.Acquire(ctx, key, holder, addr, ttl)
+	if key == gcLeaseKey && mine {
+		l.mu.Lock()
+		l.wins[holder]++
+		l.mu.Unlock()
+	}
+	return cur, mine, err
+}
+
+// Two replicas with the background GC on: one of them runs it, each
+// interval, not both; when it stops, the other takes over.
+func TestRunGCTakesTurnsInACluster(t *testing.T) {
+	t.Parallel()
+	leases := &countingLeases{Leases: NewMemoryLeases(nil), wins: map[string]int{}}
+	replica := func(self string) *Cache {
+		c, _ := newTestCache(t, WithCluster(Cluster{Leases: leases, Self: self, Addr: "http://" + self}))
+		return c
+	}
+	a, b := replica("a"), replica("b")
+	// Wide enough that a loaded machine's timer jitter stays under half of it.
+	const interval = 200 * time.Millisecond
+	ctxA, stopA := context.WithCancel(context.Background())
+	doneA := make(chan error, 1)
+	go func() { doneA <- a.RunGC(ctxA, interval, Policy{OlderThan: time.Hour}) }()
+	waitFor(t, "a's first run", func() bool { leases.mu.Lock(); defer leases.mu.Unlock(); return leases.wins["a"] > 0 })
+	// b's ticks fall half an interval after a's.
+	time.Sleep(interval / 2)
+	ctxB, stopB := context.WithCancel(context.Background())
+	defer stopB()
+	go b.RunGC(ctxB, interval, Policy{OlderThan: time.Hour})
+	time.Sleep(6 * interval)
+	leases.mu.Lock()
+	wa, wb := leases.wins["a"], leases.wins["b"]
+	leases.mu.Unlock()
+	if wa < 3 || wb != 0 {
+		t.Fatalf("runs while a lives: a %d, b %d; want a about 6, b none", wa, wb)
+	}
+	stopA()
+	<-doneA
+	waitFor(t, "b taking over", func() bool { leases.mu.Lock(); defer leases.mu.Unlock(); return leases.wins["b"] > 0 })
 }
