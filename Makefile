@@ -8,7 +8,7 @@ PKGS      := ./...
 FUZZTIME  ?= 15s
 STATICCHECK_VERSION ?= v0.8.2
 
-.PHONY: all build run demo replicas test test-short bench fuzz lint conformance clean tools
+.PHONY: all build image run demo replicas test test-short bench fuzz lint conformance clean tools
 
 all: build
 
@@ -16,6 +16,16 @@ all: build
 # every pull, and static ones drop onto any node.
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./cmd/...
+
+# The container image of deploy/image: the static binaries on an empty base,
+# UID 65532 (podman, else docker; no network needed).
+IMAGE          ?= pullsecret:$(VERSION)
+CONTAINER_TOOL ?= $(shell command -v podman 2>/dev/null || command -v docker 2>/dev/null)
+image: build
+	@test -n "$(CONTAINER_TOOL)" || { echo 'make image: needs podman or docker'; exit 1; }
+	@ctx=$$(mktemp -d) && trap 'rm -rf "$$ctx"' EXIT && \
+		sh deploy/image/stage.sh $(BIN) "$$ctx" && \
+		$(CONTAINER_TOOL) build -f deploy/image/Containerfile -t $(IMAGE) "$$ctx"
 
 # The main job on embedded defaults: a private in-process registry, a pull
 # secret, and a pull that resolves it at pull time.
