@@ -2,8 +2,8 @@ package image_test
 
 // The image of deploy/image, built as `make image` builds it (stage.sh, then
 // `podman build`), and run as deploy/kubernetes runs it: UID 65532, a
-// read-only root file system, the data folder on a volume, the config
-// mounted read-only. It must serve a verified pull and stop gracefully on
+// read-only root file system (no tmpfs on /tmp either), the data folder on
+// a volume, the config mounted read-only. It must serve a verified pull and stop gracefully on
 // SIGTERM, its log holding no credential.
 
 import (
@@ -112,7 +112,7 @@ func TestImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	r, err := p.Podman(ctx, "run", "-d", "--name", "pullsecret", "--runtime", "runc",
-		"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--network", "host", "--read-only",
+		"--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--network", "host", "--read-only", "--read-only-tmpfs=false",
 		"-v", home+":/var/lib/pullsecret", "-v", cfg+":/etc/pullsecret/config.yaml:ro",
 		tag, "serve", "--config", "/etc/pullsecret/config.yaml")
 	if err != nil || r.ExitCode != 0 {
