@@ -9,10 +9,12 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/pullsecret/pullsecret/internal/clients"
 	"github.com/pullsecret/pullsecret/internal/pgtest"
 	"github.com/pullsecret/pullsecret/internal/s3test"
 	"github.com/pullsecret/pullsecret/internal/testbin"
@@ -113,6 +115,33 @@ func TestCluster(t *testing.T) {
 	}
 	if n := up.BlobFetches(blob.String()); n != 1 {
 		t.Errorf("the upstream sent the blob %d times, want 1", n)
+	}
+
+	// crane through the front, as a user of `make replicas` would: its
+	// token request, manifest and blob requests spread over the replicas.
+	clients.Require(t, "crane")
+	img, err := up.SeedRandom(ctx, "team/img", "v1", registry.Layers(3), registry.LayerSize(1<<20), registry.RandSeed(8))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cenv := clients.NewEnv(t)
+	front := strings.TrimPrefix(c.Front, "http://")
+	cenv.Login(front, "ci", tok)
+	layout := t.TempDir()
+	if r, err := cenv.Crane(ctx, "pull", "--insecure", "--format", "oci", front+"/up/team/img:v1", layout); err != nil || r.ExitCode != 0 {
+		t.Fatalf("crane pull through the front: %v\n%s", err, r.Output())
+	}
+	layers, _ := img.Layers()
+	for _, l := range layers {
+		d, _ := l.Digest()
+		if _, err := os.Stat(filepath.Join(layout, "blobs", d.Algorithm, d.Hex)); err != nil {
+			t.Errorf("layer %s not in crane's layout: %v", d, err)
+		}
+	}
+	for _, l := range c.Logs {
+		if b, _ := os.ReadFile(l); !strings.Contains(string(b), "team/img") {
+			t.Errorf("%s served none of crane's requests: the front did not spread them", l)
+		}
 	}
 
 	// A killed replica is gone; the other still serves.
