@@ -412,15 +412,16 @@ func (c *Cache) RunGC(ctx context.Context, interval time.Duration, p Policy) err
 const gcLeaseKey = "gc"
 
 // gcTurn reports whether this process runs the background GC now: always
-// alone; in a cluster, when it holds the GC lease, which lasts one interval
-// and which its holder keeps by taking it again at its next run. A dead
-// holder's lease lapses and another replica's next tick takes it.
+// alone; in a cluster, when it holds the GC lease, which its holder keeps by
+// taking it again at each tick. It lasts one and a half intervals, so that
+// a late tick of the holder does not hand it over; a dead holder's lease
+// lapses and another replica's next tick takes it.
 func (c *Cache) gcTurn(ctx context.Context, interval time.Duration) bool {
 	cl := c.cfg.cluster
 	if cl == nil {
 		return true
 	}
-	l, mine, err := cl.Leases.Acquire(ctx, gcLeaseKey, cl.Self, cl.Addr, interval)
+	l, mine, err := cl.Leases.Acquire(ctx, gcLeaseKey, cl.Self, cl.Addr, interval+interval/2)
 	if err != nil {
 		c.log.Warn("cache: gc skipped: lease", "err", err)
 		return false
