@@ -46,6 +46,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pullsecret/pullsecret/internal/freeport"
 )
 
 // InstallHint says how to get the server binaries.
@@ -380,7 +382,7 @@ func serverEnv(dir string) []string {
 func (s *Server) start(bin, data string, as runAs) error {
 	port := s.Port
 	if port == 0 {
-		p, err := freePort()
+		p, err := freeport.Get()
 		if err != nil {
 			return err
 		}
@@ -485,15 +487,6 @@ func (s *Server) Stop() error {
 
 // Logs is what the server printed (warnings and errors).
 func (s *Server) Logs() string { return s.out.String() }
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
 
 // logBuffer keeps the last 64 KiB the server printed.
 type logBuffer struct {

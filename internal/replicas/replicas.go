@@ -42,6 +42,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pullsecret/pullsecret/internal/freeport"
 	"github.com/pullsecret/pullsecret/internal/pgtest"
 	"github.com/pullsecret/pullsecret/internal/s3test"
 	"github.com/pullsecret/pullsecret/proxy"
@@ -195,7 +196,7 @@ func Start(ctx context.Context, o Options) (_ *Cluster, err error) {
 	for i := range hosts {
 		port := o.BasePort + i
 		if o.BasePort == 0 {
-			if port, err = freePort(); err != nil {
+			if port, err = freeport.Get(); err != nil {
 				return nil, fmt.Errorf("replicas: %w", err)
 			}
 		}
@@ -572,13 +573,4 @@ func randomHex(n int) (string, error) {
 		return "", err
 	}
 	return hex.EncodeToString(b), nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }

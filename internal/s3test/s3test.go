@@ -22,7 +22,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -32,6 +31,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/pullsecret/pullsecret/internal/freeport"
 )
 
 // Version is the versitygw release the tests are written against.
@@ -216,7 +217,7 @@ func (s *Server) Restart(t testing.TB) {
 func (s *Server) start() error {
 	addr := strings.TrimPrefix(s.Endpoint, "http://")
 	if addr == "" {
-		port, err := freePort()
+		port, err := freeport.Get()
 		if err != nil {
 			return err
 		}
@@ -338,15 +339,6 @@ func (s *Server) Files(t testing.TB) []string {
 		t.Fatalf("s3test: list %s: %v", root, err)
 	}
 	return out
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, fmt.Errorf("free port: %w", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 type logBuffer struct {

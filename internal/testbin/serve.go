@@ -3,7 +3,6 @@ package testbin
 import (
 	"bytes"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -12,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/pullsecret/pullsecret/internal/freeport"
 )
 
 // Server is a `pullsecret serve` running as a process, as operators run it.
@@ -150,10 +151,9 @@ func (s *Server) Wait(t testing.TB, timeout time.Duration) error {
 // FreePort returns a loopback port that was free a moment ago.
 func FreePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	p, err := freeport.Get()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return p
 }
