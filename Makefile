@@ -55,7 +55,7 @@ fuzz:
 		./secret:FuzzParseServerURL ./secret:FuzzPatternMatch ./secret:FuzzValidRepo \
 		./secret/dockerconfig:FuzzParseDockerConfig ./credhelper:FuzzHelperStdin \
 		./credhelper/kubelet:FuzzDecodeProviderRequest ./credhelper/kubelet:FuzzMatchImage \
-		./proxy:FuzzParseScopes ./spec:FuzzParse ./cmd/pullsecret:FuzzRun; do \
+		./proxy:FuzzParseScopes ./proxy:FuzzParseConfig ./spec:FuzzParse ./cmd/pullsecret:FuzzRun; do \
 		pkg=$${spec%%:*}; fn=$${spec##*:}; \
 		echo "== $$fn ($$pkg)"; \
 		$(GO) test $$pkg -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME); \

@@ -65,3 +65,27 @@ func TestShutdownDelayParsed(t *testing.T) {
 		t.Fatalf("%v %v", cfg.ShutdownDelay, err)
 	}
 }
+
+// FuzzParseConfig: any bytes give a config or an error, never a panic, and
+// a config that parsed validates again unchanged (serve validates twice:
+// after the file and after its flags).
+func FuzzParseConfig(f *testing.F) {
+	for _, s := range []string{
+		"listen: 127.0.0.1:5080\nshutdown_delay: 5s\n",
+		"metadata: {driver: postgres, dsn: 'postgres://u@db/p'}\ncluster: {replica_id: r1, secret_file: /s, lease_ttl: 2s}\n",
+		"cache: {driver: s3-aws, parameters: {bucket: b, region: r, secretkey: '${S}'}, gc: {max_size: 1GiB, interval: 1h}}\n",
+		"aliases: {hub: docker.io}\nprojects: {acme: {aliases: {gh: ghcr.io}}}\n",
+		"audit: {enabled: false}\nkubelet: {issuers: []}\n",
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		cfg, err := ParseConfig(b)
+		if err != nil {
+			return
+		}
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("a parsed config fails its second validation: %v\n%s", err, b)
+		}
+	})
+}
