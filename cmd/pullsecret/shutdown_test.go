@@ -36,7 +36,8 @@ func TestServeDrainsOnSIGTERM(t *testing.T) {
 		stalled: make(chan struct{}), release: make(chan struct{})}
 	up, d, tok := stallingUpstream(ctx, t, e, stall, size, 77)
 
-	const delay = 1500 * time.Millisecond
+	// Long enough for the checks below on a loaded machine.
+	const delay = 3 * time.Second
 	config := fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\nshutdown_delay: %s\nshutdown_timeout: 60s\n", up.Host(), delay)
 	srv := testbin.Serve(t, bin, []string{"PULLSECRET_HOME=" + e.home}, config)
 	t.Cleanup(func() {
