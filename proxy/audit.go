@@ -144,7 +144,7 @@ func registryAuditEvent(r *http.Request, info *reqInfo, status int) (audit.Event
 	}
 	e := audit.Event{
 		Project: info.project, TokenID: info.tokenID, Action: action,
-		Upstream: info.upstream, Repository: info.repo, Decision: audit.Allowed,
+		Upstream: info.upstream, Repository: info.repo, Secret: info.secret, Decision: audit.Allowed,
 	}
 	if denied {
 		e.Decision = audit.Denied

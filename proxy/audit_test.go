@@ -181,7 +181,7 @@ func TestAuditProxyPulls(t *testing.T) {
 	allowed := func(e audit.Event) bool {
 		return e.Decision == audit.Allowed && e.Project == "acme" && e.TokenID == idA && e.Via == audit.ViaProxy &&
 			e.Action == audit.ActionPull && e.Upstream == up.Host() && e.Repository == "team/app" && e.Status == http.StatusOK &&
-			strings.HasPrefix(e.Client, "127.0.0.1:")
+			strings.HasPrefix(e.Client, "127.0.0.1:") && e.Secret == "up"
 	}
 	if ms := find("the manifest GETs", func(e audit.Event) bool {
 		return allowed(e) && e.Reference == "v1" && e.Digest == imgDigest.String()
@@ -196,7 +196,7 @@ func TestAuditProxyPulls(t *testing.T) {
 	}
 	find("beta through the alias, refused by the upstream", func(e audit.Event) bool {
 		return e.Decision == audit.Denied && e.Project == "beta" && e.TokenID == idB && e.Upstream == up.Host() &&
-			e.Repository == "team/app" && e.Reference == "v1" && e.Status == http.StatusForbidden &&
+			e.Repository == "team/app" && e.Reference == "v1" && e.Status == http.StatusForbidden && e.Secret == "" &&
 			strings.Contains(e.Reason, "project beta has no pull secret")
 	})
 	find("beta on acme's upstream host, refused by the allowlist", func(e audit.Event) bool {

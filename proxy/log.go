@@ -44,6 +44,7 @@ type reqInfo struct {
 	upstream string
 	repo     string
 	digest   string
+	secret   string // name of the project's pull secret for the target
 	err      *Error
 	// upstreamBytes counts blob bytes read from the upstream.
 	upstreamBytes int64

@@ -254,6 +254,9 @@ type SecretSource interface {
 type Allowlist struct {
 	Hosts   map[string]bool   // hosts of the project's pull secrets
 	Aliases map[string]string // alias -> host (project's over global)
+
+	project string
+	secrets []secret.Secret // the project's, without values
 }
 
 // allowlist builds project's allowlist from its secrets and the
@@ -267,11 +270,12 @@ func buildAllowlist(ctx context.Context, cfg Config, secrets SecretSource, proje
 	if err != nil {
 		return nil, err
 	}
-	a := &Allowlist{Hosts: map[string]bool{}, Aliases: map[string]string{}}
+	a := &Allowlist{Hosts: map[string]bool{}, Aliases: map[string]string{}, project: project}
 	for _, sec := range secs {
 		if sec.Project != project {
 			continue
 		}
+		a.secrets = append(a.secrets, sec)
 		for _, p := range sec.Registries {
 			a.Hosts[p.Host()] = true
 		}
@@ -336,7 +340,21 @@ func (s *Server) target(ctx context.Context, p *Principal, rt *route) (Target, *
 	if !ok {
 		return Target{}, newError(http.StatusForbidden, CodeDenied, "%s is not an upstream of project %s: add a pull secret for that registry, or ask the operator for an alias", printableName(rt.key), p.Project)
 	}
-	return Target{Project: p.Project, Upstream: host, Repo: upstreamRepo(host, rt.rest)}, nil
+	t := Target{Project: p.Project, Upstream: host, Repo: upstreamRepo(host, rt.rest)}
+	if info := infoFrom(ctx); info != nil {
+		info.secret = a.SecretFor(t)
+	}
+	return t, nil
+}
+
+// SecretFor names the project's pull secret that covers t, the one its
+// upstream requests carry; "" when none does (anonymous pulls).
+func (a *Allowlist) SecretFor(t Target) string {
+	sec, err := secret.MatchSecret(a.secrets, a.project, secret.Target{Host: t.Upstream, Repo: t.Repo})
+	if err != nil {
+		return ""
+	}
+	return sec.Name
 }
 
 // upstreamRepo applies Docker Hub's rule: a one-component repository is an

@@ -391,34 +391,9 @@ func (s *Store) Match(ctx context.Context, project string, t Target) (Secret, Va
 	if err != nil {
 		return Secret{}, Value{}, err
 	}
-	best, bestScore := -1, 0
-	var partial []int
-	for i, r := range recs {
-		if r.Project != project {
-			continue
-		}
-		for _, p := range r.Registries {
-			if sc := p.Match(t); sc > bestScore {
-				best, bestScore = i, sc
-			}
-			if t.Repo == "" && p.Host() == t.Host && p.Prefix() != "" && !slices.Contains(partial, i) {
-				partial = append(partial, i)
-			}
-		}
-	}
-	if best < 0 {
-		switch len(partial) {
-		case 0:
-			return Secret{}, Value{}, fmt.Errorf("%s in project %s: %w", t, project, ErrNotFound)
-		case 1:
-			best = partial[0]
-		default:
-			var names []string
-			for _, i := range partial {
-				names = append(names, recs[i].Name)
-			}
-			return Secret{}, Value{}, fmt.Errorf("%s in project %s: secrets %s each cover part of this registry and the client named no repository", t, project, strings.Join(names, ", "))
-		}
+	best, err := bestMatch(len(recs), func(i int) *Secret { return &recs[i].Secret }, project, t)
+	if err != nil {
+		return Secret{}, Value{}, err
 	}
 	k, err := s.keyring(false)
 	if err != nil {
@@ -499,4 +474,54 @@ func (s *Store) RotateKey(ctx context.Context) (string, error) {
 		return k.Save(s.keyPath)
 	})
 	return id, err
+}
+
+// MatchSecret picks, among secs, the secret of project that Match would
+// use for t (the most specific registry pattern), without opening any
+// value: for naming it, as the audit trail does.
+func MatchSecret(secs []Secret, project string, t Target) (Secret, error) {
+	if project == "" {
+		project = DefaultProject
+	}
+	i, err := bestMatch(len(secs), func(i int) *Secret { return &secs[i] }, project, t)
+	if err != nil {
+		return Secret{}, err
+	}
+	return secs[i], nil
+}
+
+// bestMatch is the index of the n secrets (at(i)) whose registry pattern
+// matches t most specifically, among project's. With no repository in t, a
+// single secret covering part of the host is taken; several are ambiguous.
+func bestMatch(n int, at func(int) *Secret, project string, t Target) (int, error) {
+	best, bestScore := -1, 0
+	var partial []int
+	for i := range n {
+		r := at(i)
+		if r.Project != project {
+			continue
+		}
+		for _, p := range r.Registries {
+			if sc := p.Match(t); sc > bestScore {
+				best, bestScore = i, sc
+			}
+			if t.Repo == "" && p.Host() == t.Host && p.Prefix() != "" && !slices.Contains(partial, i) {
+				partial = append(partial, i)
+			}
+		}
+	}
+	if best >= 0 {
+		return best, nil
+	}
+	switch len(partial) {
+	case 0:
+		return -1, fmt.Errorf("%s in project %s: %w", t, project, ErrNotFound)
+	case 1:
+		return partial[0], nil
+	}
+	var names []string
+	for _, i := range partial {
+		names = append(names, at(i).Name)
+	}
+	return -1, fmt.Errorf("%s in project %s: secrets %s each cover part of this registry and the client named no repository", t, project, strings.Join(names, ", "))
 }

@@ -158,14 +158,23 @@ func TestMatchLongestWins(t *testing.T) {
 			t.Fatal(err)
 		}
 		sec, cred, err := s.Resolve(ctx, "", target)
+		// MatchSecret names the same secret from the list, values unopened.
+		all, lerr := s.List(ctx, "")
+		if lerr != nil {
+			t.Fatal(lerr)
+		}
+		named, merr := MatchSecret(all, "", target)
 		if tc.want == "" {
-			if !errors.Is(err, ErrNotFound) {
-				t.Errorf("%s: %v, want not found", tc.target, err)
+			if !errors.Is(err, ErrNotFound) || !errors.Is(merr, ErrNotFound) {
+				t.Errorf("%s: %v / MatchSecret %v, want not found", tc.target, err, merr)
 			}
 			continue
 		}
 		if err != nil || sec.Name != tc.want || cred.Username != tc.want {
 			t.Errorf("%s: got %s (%v), want %s", tc.target, sec.Name, err, tc.want)
+		}
+		if merr != nil || named.Name != tc.want {
+			t.Errorf("%s: MatchSecret %s (%v), want %s", tc.target, named.Name, merr, tc.want)
 		}
 	}
 	// Two secrets covering parts of a host and a client naming no
