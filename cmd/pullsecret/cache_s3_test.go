@@ -423,49 +423,6 @@ func TestServeS3BadCredentials(t *testing.T) {
 	}
 }
 
-// s3SlowBlob makes the upstream send the first GET of a blob only up to
-// held bytes, then stall until the proxy hangs up.
-type s3SlowBlob struct {
-	path    *regexp.Regexp
-	held    int64
-	used    atomic.Bool
-	stalled chan struct{}
-}
-
-func (s *s3SlowBlob) wrap(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != http.MethodGet || !s.path.MatchString(r.URL.Path) || s.used.Swap(true) {
-			next.ServeHTTP(w, r)
-			return
-		}
-		next.ServeHTTP(&s3SlowWriter{ResponseWriter: w, left: s.held, ctx: r.Context(), stalled: s.stalled}, r)
-	})
-}
-
-type s3SlowWriter struct {
-	http.ResponseWriter
-	left    int64
-	ctx     context.Context
-	stalled chan struct{}
-}
-
-func (w *s3SlowWriter) Write(p []byte) (int, error) {
-	if int64(len(p)) < w.left {
-		n, err := w.ResponseWriter.Write(p)
-		w.left -= int64(n)
-		return n, err
-	}
-	n, err := w.ResponseWriter.Write(p[:w.left])
-	w.left -= int64(n)
-	if err != nil {
-		return n, err
-	}
-	_ = http.NewResponseController(w.ResponseWriter).Flush()
-	close(w.stalled)
-	<-w.ctx.Done() // the proxy hung up: it was killed
-	return n, w.ctx.Err()
-}
-
 // s3Front is an S3 endpoint in front of the server that can hold the
 // upload of one key: the second part of its multipart upload (the first is
 // stored) waits until the uploader hangs up.
@@ -537,7 +494,7 @@ func TestServeS3KilledMidFill(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	const size = 12 << 20 // three parts of the 5 MiB chunk size
-	slow := &s3SlowBlob{path: regexp.MustCompile(`/blobs/sha256:`), held: size / 2, stalled: make(chan struct{})}
+	slow := &stallOnce{path: regexp.MustCompile(`/blobs/sha256:`), held: size / 2, stalled: make(chan struct{})}
 	c := newS3Cluster(t, slow.wrap)
 	front := newS3Front(t, c.s3.Endpoint)
 	c.endpoint = front.srv.URL
