@@ -369,11 +369,16 @@ var installHints = map[string]string{
 	"ctr":        "apt-get install containerd",
 	"htpasswd":   "apt-get install apache2-utils",
 	"busybox":    "apt-get install busybox-static",
+	"versitygw":  "go install github.com/versity/versitygw/cmd/versitygw@v1.8.0",
 }
 
+// goInstalled are the programs `go install` provides: LookPath also looks
+// where it puts them.
+var goInstalled = map[string]bool{"crane": true, "versitygw": true}
+
 // LookPath resolves a client program to an absolute path. "docker" prefers
-// the Debian client /usr/bin/docker; "crane" also looks in $GOBIN,
-// $GOPATH/bin and ~/go/bin (where go install puts it).
+// the Debian client /usr/bin/docker; crane and versitygw are also looked
+// for in $GOBIN, $GOPATH/bin and ~/go/bin (where go install puts them).
 func LookPath(name string) (string, error) {
 	if filepath.IsAbs(name) {
 		if _, err := os.Stat(name); err != nil {
@@ -395,7 +400,7 @@ func LookPath(name string) (string, error) {
 	if p, err := exec.LookPath(name); err == nil {
 		return filepath.Abs(p)
 	}
-	if name == "crane" {
+	if goInstalled[name] {
 		var dirs []string
 		if d := os.Getenv("GOBIN"); d != "" {
 			dirs = append(dirs, d)
@@ -454,7 +459,14 @@ func Require(t testing.TB, names ...string) {
 	if len(missing) == 0 {
 		return
 	}
-	msg := "clients: missing " + strings.Join(missing, ", ")
+	Unavailable(t, "clients: missing "+strings.Join(missing, ", "))
+}
+
+// Unavailable skips the test for want of what msg names, or fails it when
+// CI or PULLSECRET_REQUIRE_CLIENTS is set: CI installs everything the tests
+// drive, so there a missing program is a failure, not a skip.
+func Unavailable(t testing.TB, msg string) {
+	t.Helper()
 	if mustNotSkip() {
 		t.Fatal(msg)
 	}
@@ -468,11 +480,7 @@ func RequireRoot(t testing.TB) {
 	if os.Geteuid() == 0 {
 		return
 	}
-	msg := "clients: needs root (rootful dockerd/containerd/podman)"
-	if mustNotSkip() {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	Unavailable(t, "clients: needs root (rootful dockerd/containerd/podman)")
 }
 
 // mergeEnv returns base with each KEY=VALUE of extra replacing the same KEY.

@@ -32,14 +32,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pullsecret/pullsecret/internal/clients"
 	"github.com/pullsecret/pullsecret/internal/freeport"
 )
-
-// Version is the versitygw release the tests are written against.
-const Version = "v1.8.0"
-
-// InstallHint says how to install versitygw.
-const InstallHint = "go install github.com/versity/versitygw/cmd/versitygw@" + Version
 
 // Server is a running versitygw.
 type Server struct {
@@ -79,43 +74,9 @@ func WithKeys(access, secret string) Option {
 // WithBucket names the bucket Start and Launch create (default "pullsecret").
 func WithBucket(name string) Option { return func(o *options) { o.bucket = name } }
 
-// mustNotSkip: CI installs versitygw, so there a missing binary is a
-// failure, not a skip (as in internal/clients).
-func mustNotSkip() bool {
-	for _, k := range []string{"PULLSECRET_REQUIRE_CLIENTS", "CI"} {
-		if v := os.Getenv(k); v != "" && v != "0" && v != "false" {
-			return true
-		}
-	}
-	return false
-}
-
 // LookPath finds versitygw in PATH, then where go install puts it:
 // $GOBIN, $GOPATH/bin, ~/go/bin.
-func LookPath() (string, error) {
-	if p, err := exec.LookPath("versitygw"); err == nil {
-		return filepath.Abs(p)
-	}
-	var dirs []string
-	if d := os.Getenv("GOBIN"); d != "" {
-		dirs = append(dirs, d)
-	}
-	for _, gp := range filepath.SplitList(os.Getenv("GOPATH")) {
-		if gp != "" {
-			dirs = append(dirs, filepath.Join(gp, "bin"))
-		}
-	}
-	if h, err := os.UserHomeDir(); err == nil {
-		dirs = append(dirs, filepath.Join(h, "go", "bin"))
-	}
-	for _, d := range dirs {
-		p := filepath.Join(d, "versitygw")
-		if fi, err := os.Stat(p); err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0 {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("versitygw not found in PATH, $GOBIN, $GOPATH/bin or ~/go/bin (%s): %w", InstallHint, exec.ErrNotFound)
-}
+func LookPath() (string, error) { return clients.LookPath("versitygw") }
 
 // Require skips the test unless versitygw is installed; under CI it fails
 // it instead. It returns the binary's path.
@@ -125,11 +86,7 @@ func Require(t testing.TB) string {
 	if err == nil {
 		return p
 	}
-	msg := "s3test: " + err.Error() + "; or run .ci/install-clients.sh"
-	if mustNotSkip() {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	clients.Unavailable(t, "s3test: "+err.Error()+"; or run .ci/install-clients.sh")
 	return ""
 }
 
