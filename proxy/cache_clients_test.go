@@ -20,7 +20,6 @@ import (
 	"time"
 
 	"github.com/pullsecret/pullsecret/internal/clients"
-	"github.com/pullsecret/pullsecret/internal/testbin"
 	"github.com/pullsecret/pullsecret/registry"
 )
 
@@ -31,32 +30,11 @@ import (
 // The upstream also holds team/app:v2, which no one pulls before it stops.
 func newCacheWorld(t *testing.T) *e2eWorld {
 	t.Helper()
-	ctx := context.Background()
-	w := &e2eWorld{t: t, bin: testbin.Build(t, "pullsecret"), home: filepath.Join(t.TempDir(), "home")}
-	reg, err := registry.Start(ctx, registry.WithHTPasswd(map[string]string{"bot": e2eCanary}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { reg.Close() })
-	w.reg = reg
-	img, err := reg.SeedRandom(ctx, "team/app", "v1", registry.Layers(2), registry.LayerSize(256<<10))
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := img.Digest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.digest = d.String()
-	if _, err := reg.SeedRandom(ctx, "team/app", "v2", registry.Layers(1), registry.RandSeed(2)); err != nil {
-		t.Fatal(err)
-	}
-	w.admin = w.newEnv(clients.WithEnv("PULLSECRET_HOME=" + w.home))
-	w.pullsecret(e2eCanary+"\n", "secret", "create", "team", "--registry", reg.Addr()+"/team",
-		"--username", "bot", "--password-stdin", "--project", "acme")
-	w.srv = testbin.Serve(t, w.bin, []string{"PULLSECRET_HOME=" + w.home}, fmt.Sprintf(
-		"allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\ncache:\n  tag_ttl: 1ms\n  access_ttl: 1ms\nlog: {level: debug}\n", reg.Addr()))
-	return w
+	return startE2EWorld(t, []string{"pullsecret"}, "cache:\n  tag_ttl: 1ms\n  access_ttl: 1ms\nlog: {level: debug}\n",
+		func(ctx context.Context, reg *registry.Registry) error {
+			_, err := reg.SeedRandom(ctx, "team/app", "v2", registry.Layers(1), registry.RandSeed(2))
+			return err
+		})
 }
 
 // TestE2ECacheUpstreamDown: warm the cache with one crane pull, stop the

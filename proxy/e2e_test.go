@@ -110,8 +110,16 @@ func (w *e2eWorld) image() string { return w.srv.Host + "/up/team/app" }
 
 func newE2EWorld(t *testing.T) *e2eWorld {
 	t.Helper()
+	return startE2EWorld(t, []string{"pullsecret", "docker-credential-pullsecret"}, "", nil)
+}
+
+// startE2EWorld builds bins, starts an upstream holding team/app:v1 (and
+// whatever seed adds), stores its password as project acme's secret and
+// runs `pullsecret serve` with the alias "up" and extraConfig.
+func startE2EWorld(t *testing.T, bins []string, extraConfig string, seed func(context.Context, *registry.Registry) error) *e2eWorld {
+	t.Helper()
 	ctx := context.Background()
-	w := &e2eWorld{t: t, bin: testbin.Build(t, "pullsecret", "docker-credential-pullsecret"), home: filepath.Join(t.TempDir(), "home")}
+	w := &e2eWorld{t: t, bin: testbin.Build(t, bins...), home: filepath.Join(t.TempDir(), "home")}
 	reg, err := registry.Start(ctx, registry.WithHTPasswd(map[string]string{"bot": e2eCanary}))
 	if err != nil {
 		t.Fatal(err)
@@ -127,10 +135,16 @@ func newE2EWorld(t *testing.T) *e2eWorld {
 		t.Fatal(err)
 	}
 	w.digest = d.String()
+	if seed != nil {
+		if err := seed(ctx, reg); err != nil {
+			t.Fatal(err)
+		}
+	}
 	w.admin = w.newEnv(clients.WithEnv("PULLSECRET_HOME=" + w.home))
 	w.pullsecret(e2eCanary+"\n", "secret", "create", "team", "--registry", reg.Addr()+"/team",
 		"--username", "bot", "--password-stdin", "--project", "acme")
-	w.srv = testbin.Serve(t, w.bin, []string{"PULLSECRET_HOME=" + w.home}, fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\n", reg.Addr()))
+	w.srv = testbin.Serve(t, w.bin, []string{"PULLSECRET_HOME=" + w.home},
+		fmt.Sprintf("allow_private_upstreams: [127.0.0.1/32]\naliases:\n  up: %s\n", reg.Addr())+extraConfig)
 	return w
 }
 
