@@ -6,12 +6,10 @@ package proxy_test
 // cached fails with an error a person can act on.
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"fmt"
 	"io"
-	"io/fs"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -148,29 +146,8 @@ func TestE2ECacheUpstreamDown(t *testing.T) {
 		if !strings.Contains(logs, "serving a stale tag") || !strings.Contains(logs, "serving from the cache on an earlier access record") {
 			t.Errorf("the pulls did not take the outage paths (no stale-tag or earlier-record serve in the log):\n%s", logs)
 		}
-		w.mu.Lock()
-		outs := strings.Join(w.output, "\n")
-		dirs := append([]string{w.home}, w.dirs...)
-		w.mu.Unlock()
-		w.noCanary("client output", outs)
-		files := 0
-		for _, dir := range dirs {
-			filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-				if err != nil || !d.Type().IsRegular() {
-					return nil
-				}
-				b, err := os.ReadFile(p)
-				if err != nil {
-					return nil
-				}
-				files++
-				if bytes.Contains(b, []byte(e2eCanary)) {
-					t.Errorf("the upstream password is in clear in %s", p)
-				}
-				return nil
-			})
-		}
-		t.Logf("grepped %d files, %d bytes of client output, %d bytes of server log", files, len(outs), len(logs))
+		files, outs := w.noCanaryInOutputAndFiles(t)
+		t.Logf("grepped %d files, %d bytes of client output, %d bytes of server log", files, outs, len(logs))
 	})
 }
 

@@ -148,6 +148,36 @@ func startE2EWorld(t *testing.T, bins []string, extraConfig string, seed func(co
 	return w
 }
 
+// noCanaryInOutputAndFiles fails t when the upstream password occurs in
+// any client's output or in clear in any file of the home or the clients'
+// folders. It returns how many files and output bytes it read.
+func (w *e2eWorld) noCanaryInOutputAndFiles(t *testing.T) (files, outBytes int) {
+	t.Helper()
+	w.mu.Lock()
+	outs := strings.Join(w.output, "\n")
+	dirs := append([]string{w.home}, w.dirs...)
+	w.mu.Unlock()
+	w.noCanary("client output", outs)
+	canary := []byte(e2eCanary)
+	for _, dir := range dirs {
+		filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return nil
+			}
+			b, err := os.ReadFile(p)
+			if err != nil {
+				return nil
+			}
+			files++
+			if bytes.Contains(b, canary) {
+				t.Errorf("the upstream password is in clear in %s", p)
+			}
+			return nil
+		})
+	}
+	return files, len(outs)
+}
+
 // noCanary fails when the upstream password occurs in s.
 func (w *e2eWorld) noCanary(what, s string) {
 	w.t.Helper()
@@ -359,32 +389,10 @@ func TestE2EProxy(t *testing.T) {
 		}
 		w.noCanary("/metrics", string(metrics))
 		w.noCanary("pullsecret serve's log", w.srv.Logs())
-		w.mu.Lock()
-		outs := strings.Join(w.output, "\n")
-		dirs := append([]string{w.home}, w.dirs...)
-		w.mu.Unlock()
-		w.noCanary("client output", outs)
-		canary := []byte(e2eCanary)
-		files := 0
-		for _, dir := range dirs {
-			filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
-				if err != nil || !d.Type().IsRegular() {
-					return nil
-				}
-				b, err := os.ReadFile(p)
-				if err != nil {
-					return nil
-				}
-				files++
-				if bytes.Contains(b, canary) {
-					t.Errorf("the upstream password is in clear in %s", p)
-				}
-				return nil
-			})
-		}
+		files, outs := w.noCanaryInOutputAndFiles(t)
 		if _, err := os.Stat(filepath.Join(w.home, "secrets.json")); err != nil {
 			t.Errorf("no secrets.json in the home: %v", err)
 		}
-		t.Logf("grepped %d files, %d bytes of client output, %d bytes of server log", files, len(outs), len(w.srv.Logs()))
+		t.Logf("grepped %d files, %d bytes of client output, %d bytes of server log", files, outs, len(w.srv.Logs()))
 	})
 }
