@@ -116,6 +116,23 @@ func metadataStoreOptions(db *postgres.DB) []secret.Option {
 	return []secret.Option{secret.WithBackend(db.Secrets())}
 }
 
+// databaseTokenStore is the project token store in the metadata database
+// of the command's config (--config, $PULLSECRET_CONFIG), or nil when the
+// config names no database or there is no config; cfg is the config (zero
+// without one).
+func (c *cli) databaseTokenStore(co *common) (ts *proxy.TokenStore, cfg proxy.Config, err error) {
+	cfg, ok, err := c.commandConfig(co)
+	if err != nil || !ok {
+		return nil, cfg, err
+	}
+	db, err := c.commandMetadata(cfg)
+	if err != nil || db == nil {
+		return nil, cfg, err
+	}
+	ts, err = proxy.NewTokenStore("", metadataTokenOptions(db)...)
+	return ts, cfg, err
+}
+
 // metadataTokenOptions keep the server's project tokens in db.
 func metadataTokenOptions(db *postgres.DB) []proxy.TokenStoreOption {
 	if db == nil {

@@ -313,18 +313,8 @@ func (c *cli) pullToken(file string, store *secret.Store, plan *spec.Plan) (tok 
 // it: the metadata database of $PULLSECRET_CONFIG (metadata driver
 // postgres), else tokens.json in the data folder; nil when neither.
 func (c *cli) pullTokenStore(store *secret.Store) (*proxy.TokenStore, error) {
-	cfg, ok, err := c.commandConfig(nil)
-	if err != nil {
-		return nil, err
-	}
-	if ok {
-		db, err := c.commandMetadata(cfg)
-		if err != nil {
-			return nil, err
-		}
-		if db != nil {
-			return proxy.NewTokenStore("", metadataTokenOptions(db)...)
-		}
+	if ts, _, err := c.databaseTokenStore(nil); ts != nil || err != nil {
+		return ts, err
 	}
 	b, err := proxy.NewFileTokenBackend(store.Home(), nil)
 	if err != nil || !fileExists(b.Path()) {

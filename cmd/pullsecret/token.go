@@ -74,18 +74,9 @@ Flags:
 // database (--config, $PULLSECRET_CONFIG; metadata driver postgres), else
 // the data folder (--home, the config's home, $PULLSECRET_HOME).
 func (c *cli) tokenStore(co *common) (*proxy.TokenStore, error) {
-	cfg, ok, err := c.commandConfig(co)
-	if err != nil {
-		return nil, err
-	}
-	if ok {
-		db, err := c.commandMetadata(cfg)
-		if err != nil {
-			return nil, err
-		}
-		if db != nil {
-			return proxy.NewTokenStore("", proxy.WithTokenBackend(db.Tokens()))
-		}
+	ts, cfg, err := c.databaseTokenStore(co)
+	if ts != nil || err != nil {
+		return ts, err
 	}
 	home := c.home
 	if co != nil && co.home != "" {
