@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/pullsecret/pullsecret/audit"
+	"github.com/pullsecret/pullsecret/postgres"
 	"github.com/pullsecret/pullsecret/proxy"
 	"github.com/pullsecret/pullsecret/secret"
 )
@@ -168,13 +169,18 @@ func (c *cli) auditPath(cfg proxy.Config) (string, error) {
 	return filepath.Join(home, audit.FileName), nil
 }
 
-// openAuditLog opens the trail `serve` records to, or returns a nil Log
+// openAuditLog opens the trail `serve` records to: the table of db (the
+// metadata database, when the config names one), else the file; a nil Log
 // when audit.enabled is false. Close the closer after the server stopped:
 // it writes what is still queued.
-func (c *cli) openAuditLog(cfg proxy.Config, home string, log *slog.Logger) (audit.Log, io.Closer, error) {
+func (c *cli) openAuditLog(cfg proxy.Config, home string, db *postgres.DB, log *slog.Logger) (audit.Log, io.Closer, error) {
 	if !cfg.Audit.Enabled {
 		log.Warn("the audit trail is disabled (audit.enabled: false)")
 		return nil, nil, nil
+	}
+	if db != nil {
+		a := db.OpenAuditLog()
+		return audit.WithReplica(a, cfg.ReplicaName()), a, nil
 	}
 	cfg.Home = home
 	path, err := c.auditPath(cfg)

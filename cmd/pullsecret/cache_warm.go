@@ -164,10 +164,7 @@ func (c *cli) cacheWarm(args []string) (err error) {
 	if err := knownProject(c.ctx, store, cfg, project); err != nil {
 		return err
 	}
-	auditLog, auditCloser, err := metadataAuditLog(db, cfg, log)
-	if db == nil {
-		auditLog, auditCloser, err = c.openAuditLog(cfg, home, log)
-	}
+	auditLog, auditCloser, err := c.openAuditLog(cfg, home, db, log)
 	if err != nil {
 		return err
 	}

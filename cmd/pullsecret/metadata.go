@@ -11,11 +11,9 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"io"
 	"log/slog"
 	"time"
 
-	"github.com/pullsecret/pullsecret/audit"
 	"github.com/pullsecret/pullsecret/postgres"
 	"github.com/pullsecret/pullsecret/proxy"
 	"github.com/pullsecret/pullsecret/secret"
@@ -139,20 +137,6 @@ func metadataTokenOptions(db *postgres.DB) []proxy.TokenStoreOption {
 		return nil
 	}
 	return []proxy.TokenStoreOption{proxy.WithTokenBackend(db.Tokens())}
-}
-
-// metadataAuditLog is the audit trail in db, or nothing when audit is
-// disabled or there is no db (the file trail is then openAuditLog's).
-func metadataAuditLog(db *postgres.DB, cfg proxy.Config, log *slog.Logger) (audit.Log, io.Closer, error) {
-	if db == nil {
-		return nil, nil, nil
-	}
-	if !cfg.Audit.Enabled {
-		log.Warn("the audit trail is disabled (audit.enabled: false)")
-		return nil, nil, nil
-	}
-	a := db.OpenAuditLog()
-	return audit.WithReplica(a, cfg.ReplicaName()), a, nil
 }
 
 // startMaintenance prunes db's expired rows in the background until the

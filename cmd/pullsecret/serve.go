@@ -257,10 +257,7 @@ func (c *cli) newProxyServer(cfg proxy.Config, log *slog.Logger) (*proxyServer, 
 	if h, _, err := net.SplitHostPort(cfg.Listen); err == nil && h != "" && h != "0.0.0.0" && h != "::" {
 		hosts = append(hosts, cfg.Listen)
 	}
-	auditLog, auditCloser, err := metadataAuditLog(md, cfg, log)
-	if md == nil {
-		auditLog, auditCloser, err = c.openAuditLog(cfg, home, log)
-	}
+	auditLog, auditCloser, err := c.openAuditLog(cfg, home, md, log)
 	if err != nil {
 		return nil, err
 	}
